@@ -57,8 +57,10 @@ def make_catalog(rng: np.random.Generator, vocab: list[str], num: int, title_len
     p = 1.0 / np.arange(1, len(vocab) + 1) ** 1.05
     p /= p.sum()
     lengths = rng.integers(title_len - 5, title_len + 6, size=num)
-    return {f"P{i:06d}": " ".join(vocab[w] for w in rng.choice(len(vocab), n, p=p)) for i, n in
-            enumerate(lengths)}
+    return {
+        f"P{i:06d}": " ".join(vocab[w] for w in rng.choice(len(vocab), n, p=p))
+        for i, n in enumerate(lengths)
+    }
 
 
 def make_completion(rng: np.random.Generator, catalog: dict[str, str]):
@@ -147,7 +149,7 @@ def main() -> None:
         reward.judgements(sample)  # per-sample column map: built once per sample in training
         for _ in range(args.reps):
             reward.clear_cache()
-            retriever._cache.clear()
+            retriever.clear_cache()
             t0 = time.perf_counter()
             phi = project(c, sample)
             cold.append(time.perf_counter() - t0)

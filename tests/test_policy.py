@@ -1,10 +1,13 @@
+import json
 import random
 import time
 
+import numpy as np
 import pytest
 import torch
 
 import ospo.policy as policy_mod
+from ospo.data.demos import best_demo, rejection_sample_demos
 from ospo.policy import Policy, Rollouts, build_tiny, load_hf, token_char_spans
 
 TEXTS = [
@@ -123,7 +126,14 @@ def test_greedy_is_deterministic_and_mode_restored(tiny):
     assert not tiny.model.training
     assert torch.equal(a.completion_ids, b.completion_ids)
     assert torch.equal(a.completion_ids[0], a.completion_ids[1])
-    # greedy picks the argmax: every valid token has the highest log-prob at its position
+    # greedy picks the argmax of the unpadded model, also for the left-padded prompt (row 0)
+    assert a.prompt_mask[0, 0] == 0
+    for i in range(len(a)):
+        p = a.prompt_ids[i][a.prompt_mask[i].bool()]
+        n = int(a.completion_mask[i].sum())
+        c = a.completion_ids[i, :n]
+        logits = tiny.model(torch.cat([p, c])[None]).logits[0, len(p) - 1 : len(p) - 1 + n]
+        assert torch.equal(logits.argmax(-1), c)
     lp = tiny.token_logprobs(a.prompt_ids, a.prompt_mask, a.completion_ids, a.completion_mask)
     naive, ent = naive_logprobs(tiny, a)
     assert torch.allclose(lp, naive, atol=1e-5)
@@ -303,6 +313,24 @@ def test_lora_wrapper_on_tiny():
     assert all(p.grad is None for p in pol.parameters() if not p.requires_grad)
 
 
+def test_gradient_checkpointing_with_lora_matches(tiny):
+    lora = {"r": 4, "alpha": 8}  # default GPT-2 targets: c_attn, c_proj
+    plain = build_tiny(TEXTS, seed=0, lora=lora)
+    ckpt = build_tiny(TEXTS, seed=0, lora=lora, gradient_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    torch.manual_seed(0)
+    r = plain.generate(MESSAGES, num_generations=2, max_new_tokens=6)
+    args = (r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+    grads = []
+    for pol in (plain, ckpt):
+        pol.train()
+        pol.token_logprobs(*args).sum().backward()
+        grads.append([p.grad for p in pol.trainable_parameters()])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_save_load_round_trip_full_and_lora(tmp_path):
     torch.manual_seed(0)
     pol = build_tiny(TEXTS, seed=0)
@@ -324,8 +352,8 @@ def test_save_load_round_trip_full_and_lora(tmp_path):
         for p in pol.trainable_parameters():
             p.add_(0.1 * torch.randn_like(p))
         before = pol.token_logprobs(*args)
-    pol.save(tmp_path / "lora")
-    pol.save(tmp_path / "lora")  # overwriting an existing save is fine
+    pol.save(tmp_path / "lora", merged=False)
+    pol.save(tmp_path / "lora", merged=False)  # overwriting an existing save is fine
     assert (tmp_path / "lora" / "adapter_model.safetensors").exists()
     fresh = build_tiny(TEXTS, seed=0, lora=lora)
     with torch.no_grad():
@@ -335,10 +363,37 @@ def test_save_load_round_trip_full_and_lora(tmp_path):
     with pytest.raises(FileNotFoundError):
         fresh.load(tmp_path / "missing")
 
+    # merged save (the default): full weights with the LoRA deltas, the live model unchanged
+    live = {k: v.clone() for k, v in pol.state_dict().items()}
+    pol.save(tmp_path / "merged")
+    assert all(torch.equal(v, pol.state_dict()[k]) for k, v in live.items())
+    with torch.no_grad():
+        plain = build_tiny(TEXTS, seed=0).load(tmp_path / "merged")
+        assert torch.allclose(plain.token_logprobs(*args), before, atol=1e-5)
+        reopened = load_hf(str(tmp_path / "merged"), dtype="float32")
+        assert torch.allclose(reopened.token_logprobs(*args), before, atol=1e-5)
+        assert _tied_ok(reopened)
+    with pytest.raises(ValueError, match="merged"):
+        fresh.load(tmp_path / "merged")
+
+
+def _tied_ok(pol):
+    lm = pol.causal_lm
+    return lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+
 
 def test_load_hf_round_trip(tiny, tmp_path):
     tiny.save(tmp_path / "hf")
+    from transformers import GenerationConfig
+
+    # hub sampling defaults must not leak into the policy's sampling distribution
+    GenerationConfig(do_sample=True, top_k=1, repetition_penalty=2.0, min_p=0.5).save_pretrained(
+        tmp_path / "hf"
+    )
     pol = load_hf(str(tmp_path / "hf"), dtype="float32")
+    gc = pol.model.generation_config
+    assert gc.top_k is None and gc.repetition_penalty is None and gc.min_p is None
+    assert gc.eos_token_id == tiny.eos_token_ids
     assert pol.eos_token_ids == tiny.eos_token_ids and pol.pad_token_id == tiny.pad_token_id
     assert pol.tokenizer.chat_template == tiny.tokenizer.chat_template
     a = tiny.generate(MESSAGES, num_generations=1, max_new_tokens=8, do_sample=False)
@@ -396,3 +451,105 @@ def test_smollm2_convert_cache_generate(tmp_path):
         check_spans(r.texts[i], r.token_spans[i], int(r.completion_mask[i].sum()))
     lp = pol.token_logprobs(r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
     assert torch.isfinite(lp).all() and (lp <= 0).all()
+
+
+# ---- rejection-sampled demonstrations ---------------------------------------------------
+class LengthReward:
+    """Fake reward: a text's length in characters / 100, plus 1 for request q1 (checks that
+    completions are paired with their own sample)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def score_texts(self, texts, samples):
+        assert len(texts) == len(samples)
+        self.calls.append((list(texts), [s.qid for s in samples]))
+        return np.array(
+            [len(t.strip()) / 100 + (s.qid == "q1") for t, s in zip(texts, samples, strict=True)]
+        )
+
+
+def demo_samples(n=3):
+    from ospo.data import Sample
+
+    return [
+        Sample(qid=f"q{i}", request="ab", messages=MESSAGES[i % 2], gains={"p": 1.0})
+        for i in range(n)
+    ]
+
+
+def test_best_demo_rules():
+    texts = ["a", "b", "c", "  "]
+    rewards = np.array([0.5, 0.9, 0.7, 1.0])
+    assert best_demo(texts, rewards, [True] * 4, raw_reward=0.6) == 1
+    assert best_demo(texts, rewards, [True, False, True, True], raw_reward=0.6) == 2
+    assert best_demo(texts, rewards, [True] * 4, raw_reward=0.95) is None  # blank text skipped
+    assert best_demo(texts, rewards, [True] * 4, raw_reward=0.6, threshold=0.2) == 1
+    assert best_demo(texts, rewards, [True] * 4, 0.0, threshold=0.95, relative_to_raw=False) is None
+    assert best_demo(texts, rewards, [True] * 4, 9.0, threshold=0.9, relative_to_raw=False) == 1
+    with pytest.raises(ValueError, match="length"):
+        best_demo(texts, rewards[:2], [True] * 4, 0.0)
+
+
+def test_rejection_sample_demos_writes_best_per_request(tiny, tmp_path):
+    from ospo.data import load_demos
+
+    reward = LengthReward()
+    samples = demo_samples(3)
+    path = tmp_path / "demos" / "train.jsonl"
+    torch.manual_seed(0)
+    stats = rejection_sample_demos(
+        tiny,
+        reward,
+        samples,
+        num_samples=4,
+        format_check=lambda text, ended: True,
+        max_new_tokens=8,
+        batch_size=2,
+        path=path,
+        progress=False,
+    )
+    assert stats["requests"] == 3 and 0 < stats["with_demo"] <= 3
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(lines) == stats["with_demo"] and [p.name for p in path.parent.iterdir()] == [
+        path.name
+    ]
+    assert load_demos(path) == stats["demos"]
+    # each demo is the best of its request's samples and beats the raw request
+    sampled = {}
+    for texts, qids in reward.calls:
+        for t, q in zip(texts, qids, strict=True):
+            if t != "ab":
+                sampled.setdefault(q, []).append(t)
+    assert all(len(v) == 4 for v in sampled.values())
+    for row in lines:
+        extra = row["qid"] == "q1"
+        best = max(len(t.strip()) for t in sampled[row["qid"]])
+        assert row["reward"] == pytest.approx(best / 100 + extra)
+        assert len(row["demo"]) == best and row["reward"] > 0.02 + extra
+
+    stats = rejection_sample_demos(
+        tiny,
+        reward,
+        samples,
+        num_samples=2,
+        max_new_tokens=4,
+        path=path,
+        progress=False,
+        format_check=lambda text, ended: False,
+    )
+    assert stats["with_demo"] == 0 and path.read_text() == ""
+
+
+@pytest.mark.slow
+def test_demos_command_line(tmp_path):
+    from ospo.data import load_demos
+    from ospo.data.demos import main
+
+    out = tmp_path / "demos.jsonl"
+    stats = main(
+        ["--out", str(out), "--limit", "4", "--num-samples", "2", "--absolute",
+         "--threshold", "0.0", "model=tiny", "data.num_products=600"]
+    )  # fmt: skip
+    assert stats["requests"] == 4 and out.exists()
+    assert len(load_demos(out)) == stats["with_demo"]

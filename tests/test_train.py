@@ -84,7 +84,9 @@ def test_resume_matches_straight_run(make_cfg, tmp_path):
     assert torch.load(ckpt, map_location="cpu", weights_only=False)["ospo"]["rollout_step"] == 2
     resumed = make_cfg(TINY + ["baseline.mu=2", f"ckpt_path={ckpt}"], run_dir=tmp_path / "b")
     run_train(resumed, tmp_path / "b")
-    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
+    straight_rows, resumed_rows = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert len(straight_rows) == 4
+    assert straight_rows == resumed_rows
 
 
 def test_missing_checkpoint_is_named(make_cfg, tmp_path):
@@ -117,5 +119,5 @@ def test_ddp_two_cpu_processes(tmp_path):
     over = [o for o in TINY] + ["trainer=ddp", "trainer.devices=2", "rl.steps=2", "stage=rl"]
     proc = _run([str(ROOT / "train.py"), *over, f"hydra.run.dir={tmp_path}/run",
                  f"cache_dir={tmp_path}/cache"], cwd=tmp_path)
-    assert "world_size=2" in proc.stdout + proc.stderr or "ddp" in (proc.stdout + proc.stderr)
+    assert "MEMBER: 2/2" in proc.stdout + proc.stderr  # the second process joined
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2

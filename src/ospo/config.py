@@ -6,7 +6,6 @@ import hashlib
 import json
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
 if not OmegaConf.has_resolver("mul"):
     OmegaConf.register_new_resolver("mul", lambda a, b: int(a) * int(b))
@@ -32,16 +31,12 @@ def _target(node) -> str:
 def validate(cfg: DictConfig) -> None:
     """Fail fast, naming the key, on choices that cannot work together."""
     data_name = _target(cfg.data).rsplit(".", 1)[-1].lower().replace("data", "")
-    for key in ("root",):
-        if key in cfg.data:
-            try:
-                cfg.data[key]
-            except MissingMandatoryValue:
-                raise ConfigError(
-                    f"data.{key} is required for data={data_name}: set data.{key}=<path>, "
-                    f"{_DATA_HELP.get(data_name, 'the data folder')}"
-                ) from None
-    if cfg.model.get("name", None) == "???" or OmegaConf.is_missing(cfg.model, "name"):
+    if "root" in cfg.data.keys() and OmegaConf.is_missing(cfg.data, "root"):
+        raise ConfigError(
+            f"data.root is required for data={data_name}: set data.root=<path>, "
+            f"{_DATA_HELP.get(data_name, 'the data folder')}"
+        )
+    if "name" in cfg.model.keys() and OmegaConf.is_missing(cfg.model, "name"):
         raise ConfigError("model.name is required for model=hf: a model name or a local folder")
     if cfg.stage not in ("all", "sft", "rl"):
         raise ConfigError(f"stage={cfg.stage!r}: expected one of all, sft, rl")

@@ -17,7 +17,7 @@ Conventions shared by both:
 * Relevant documents are those with gain > 0 when a gains mapping is given.
 * Ranking a score row: documents sorted by decreasing score; equal scores are broken by column
   order (the lower column index ranks first), i.e. a stable sort of ``-scores``. The top k is
-  found with ``argpartition`` and only those k are sorted, with the same tie rule.
+  found without sorting whole rows (see :func:`top_k_indices`), with the same tie rule.
 """
 
 from __future__ import annotations

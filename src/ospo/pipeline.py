@@ -89,6 +89,28 @@ def warmup_dir(cfg: DictConfig) -> Path:
     return Path(cfg.cache_dir) / "warmup" / f"{model}-{key}"
 
 
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def _choice(group: str) -> str:
+    """The option picked for a config group in this run (e.g. `owen`), when Hydra knows it."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return str(HydraConfig.get().runtime.choices[group])
+    except (ValueError, KeyError):
+        return group
+
+
+def _retriever_cfg(name: str, conf_dir: Path = CONF_DIR) -> DictConfig:
+    """`conf/retriever/<name>.yaml`, for scoring with a retriever other than the training one."""
+    path = Path(conf_dir) / "retriever" / f"{name}.yaml"
+    if not path.exists():
+        choices = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ValueError(f"eval.retrievers names {name!r}: expected one of {choices}")
+    return OmegaConf.load(path)
+
+
 def make_trainer(cfg: DictConfig, run_dir: Path, single: bool = False, **kw) -> L.Trainer:
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if single:  # the warm-up and evaluation run in one process
@@ -255,10 +277,27 @@ def run_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     )
     val = data.splits["val"][: cfg.rl.val_size] if cfg.rl.val_size else data.splits["val"]
     val_loader = sample_loader(val, cfg.eval.batch_size)
+    loggers = _loggers(cfg)
     trainer = make_trainer(
         cfg, run_dir, max_steps=cfg.rl.steps * cfg.baseline.mu, max_epochs=-1,
-        val_check_interval=cfg.rl.val_every, logger=_loggers(cfg), callbacks=_callbacks(cfg),
+        val_check_interval=cfg.rl.val_every, logger=loggers, callbacks=_callbacks(cfg),
     )
+    try:
+        return _fit_and_summarise(cfg, run_dir, t_start, data, reward, format_check, policy,
+                                  module, trainer, val_loader, init_info)
+    finally:
+        _finish_loggers(loggers)
+
+
+def _finish_loggers(loggers) -> None:
+    """Close W&B runs so that each job of a sweep gets its own run."""
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
+            logger.experiment.finish()
+
+
+def _fit_and_summarise(cfg, run_dir, t_start, data, reward, format_check, policy, module,
+                       trainer, val_loader, init_info) -> dict[str, Any]:
     if cfg.ckpt_path is None:
         trainer.validate(module, val_loader, verbose=False)
     elif not Path(cfg.ckpt_path).exists():
@@ -268,14 +307,21 @@ def run_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if not module.val_history or module.val_history[-1]["step"] != module.rollout_step:
         trainer.validate(module, val_loader, verbose=False)
 
-    summary: dict[str, Any] = {"steps": module.rollout_step, "method": cfg.baseline.name}
+    label = cfg.baseline.name
+    if cfg.baseline.credit:
+        label += f"-{_choice('attribution')}-{_choice('segmenter')}"
+    summary: dict[str, Any] = {"steps": module.rollout_step, "method": cfg.baseline.name,
+                               "label": label, "seed": cfg.seed}
     if trainer.is_global_zero:
         k = reward.k
         test = data.splits[cfg.eval.split]
         test = test[: cfg.eval.size] if cfg.eval.size else test
         texts, ended = generate_all(policy, test, cfg.eval.batch_size, cfg.rl.max_new_tokens,
                                     desc=f"{cfg.eval.split} scores")
-        scores = score_all(texts, test, reward, format_check, ended)
+        scores = {"train": score_all(texts, test, reward, format_check, ended)}
+        for name in cfg.eval.retrievers:
+            other = build_reward(_retriever_cfg(name), cfg.reward, data.catalog)
+            scores[name] = score_all(texts, test, other, format_check, ended)
         hist = module.val_history
         summary.update({
             f"val_ndcg@{k}_start": hist[0][f"val/ndcg@{k}"],
@@ -283,14 +329,15 @@ def run_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "val_history": hist,
             "wall_s": time.perf_counter() - t_start,
             "rl_wall_s": module.wall_seconds(),
-            **{f"{cfg.eval.split}_{m}": v for m, v in scores.items()},
+            **{f"{cfg.eval.split}_{m}": v for m, v in scores["train"].items()},
+            cfg.eval.split: scores,
             "warmup_dir": init_info["dir"],
             "last_ckpt": str(run_dir / "checkpoints" / "last.ckpt"),
         })
         write_json(run_dir / "summary.json", summary)
         print(f"val ndcg@{k}: {summary[f'val_ndcg@{k}_start']:.4f} -> "
               f"{summary[f'val_ndcg@{k}_end']:.4f}  |  {cfg.eval.split} ndcg@{k}: "
-              f"{scores[f'ndcg@{k}']:.4f}  |  {summary['wall_s']:.0f} s  |  {run_dir}")
+              f"{scores['train'][f'ndcg@{k}']:.4f}  |  {summary['wall_s']:.0f} s  |  {run_dir}")
     return summary
 
 
@@ -338,12 +385,7 @@ def run_eval(cfg: DictConfig, run_dir: Path, conf_dir: Path) -> dict[str, Any]:
     results: dict[str, Any] = {"ckpt_path": cfg.ckpt_path, "split": cfg.eval.split,
                                "n": len(samples), "retrievers": {}}
     for name in cfg.eval.retrievers:
-        path = Path(conf_dir) / "retriever" / f"{name}.yaml"
-        if not path.exists():
-            choices = sorted(p.stem for p in path.parent.glob("*.yaml"))
-            raise ValueError(f"eval.retrievers names {name!r}: expected one of {choices}")
-        rcfg = OmegaConf.load(path)
-        reward = build_reward(rcfg, cfg.reward, data.catalog)
+        reward = build_reward(_retriever_cfg(name, conf_dir), cfg.reward, data.catalog)
         results["retrievers"][name] = score_all(texts, samples, reward, format_check, ended)
     write_json(run_dir / "results.json", results)
     (run_dir / "expansions.jsonl").write_text("".join(

@@ -71,7 +71,9 @@ class Rollouts:
     completion_ids: Tensor  # (N, T) right-padded with pad id
     completion_mask: Tensor  # (N, T) 1 for generated tokens up to and including EOS
     texts: list[str]  # decoded completions (no special tokens)
-    token_spans: list[list[tuple[int, int]]]  # per completion, [start, end) in texts[i] per valid token
+    token_spans: list[
+        list[tuple[int, int]]
+    ]  # per completion, [start, end) in texts[i] per valid token
     group: Tensor  # (N,) index of the prompt each completion answers
     ended: Tensor | None = None  # (N,) bool: the completion stopped at EOS (not truncated)
 
@@ -271,15 +273,14 @@ class Policy(torch.nn.Module):
             do_sample=do_sample,
             max_new_tokens=max_new_tokens,
             min_new_tokens=0,
-            temperature=float(temperature) if do_sample else 1.0,
-            top_p=float(top_p) if do_sample else 1.0,
-            top_k=0,
             repetition_penalty=1.0,
             num_beams=1,
             eos_token_id=self.eos_token_ids,
             pad_token_id=self.pad_token_id,
             use_cache=True,
         )
+        if do_sample:  # exactly softmax(logits / temperature) on the top-p nucleus; no top-k
+            gen_kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -388,16 +389,57 @@ class Policy(torch.nn.Module):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Save the policy weights atomically: the LoRA adapter if peft-wrapped, else the full
-        model (an HF folder that `load_hf` can open) + tokenizer."""
+    def merged_state_dict(self) -> dict[str, Tensor]:
+        """State dict of the causal LM with the LoRA deltas added to their base weights, under
+        the plain model's key names (the live model is not modified). Without LoRA: the model's
+        own state dict."""
+        lm = self.causal_lm
+        if not self.is_peft:
+            return {k: v.detach() for k, v in lm.state_dict().items()}
+        deltas = {}
+        with torch.no_grad():
+            for name, module in lm.named_modules():
+                if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):
+                    adapters = [a for a in module.active_adapters if a in module.lora_A]
+                    if adapters:
+                        deltas[name] = sum(module.get_delta_weight(a) for a in adapters)
+        merged = {}
+        for key, value in lm.state_dict().items():
+            if "lora_" in key:
+                continue
+            key = key.replace(".base_layer.", ".")
+            module_name, _, leaf = key.rpartition(".")
+            if leaf == "weight" and module_name in deltas:
+                value = value + deltas[module_name].to(value.dtype)
+            merged[key] = value.detach()
+        return merged
+
+    def save(self, path: str | os.PathLike, merged: bool = True) -> Path:
+        """Save the policy atomically (a temp folder, then os.replace).
+
+        Default: the full weights, LoRA deltas merged in, as an HF folder (config, safetensors,
+        tokenizer) that `load_hf` opens and `load` reads back. `merged=False` on a LoRA policy
+        saves only the adapter (`load` into a policy with the same LoRA config).
+        """
+        from safetensors.torch import save_file
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
-            self.model.save_pretrained(tmp)
+            kind = "lora" if self.is_peft and not merged else "full"
+            if kind == "lora" or not self.is_peft:
+                self.model.save_pretrained(tmp)
+            else:
+                lm = self.causal_lm
+                state = self.merged_state_dict()
+                if _tied(lm):  # from_pretrained re-ties the output layer to the embeddings
+                    state.pop(_output_weight_key(lm), None)
+                state = {k: v.contiguous().cpu() for k, v in state.items()}
+                save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+                lm.config.save_pretrained(tmp)
+                lm.generation_config.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
-            kind = "lora" if self.is_peft else "full"
             (tmp / "ospo_policy.json").write_text(json.dumps({"kind": kind}))
             if path.exists():
                 shutil.rmtree(path)
@@ -408,7 +450,8 @@ class Policy(torch.nn.Module):
         return path
 
     def load(self, path: str | os.PathLike) -> Policy:
-        """Load weights saved by `save` into this policy in place (same architecture/LoRA)."""
+        """Load weights saved by `save` into this policy in place: an adapter into the same LoRA
+        setup; full weights into a plain policy of the same architecture."""
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -426,24 +469,26 @@ class Policy(torch.nn.Module):
             bad = [k for k in result.unexpected_keys if "lora_" in k]
             if bad:
                 raise ValueError(f"adapter keys do not match this policy: {bad[:5]}")
-        else:
-            if self.is_peft:
-                raise ValueError(f"{path} holds a full model but this policy is LoRA-wrapped")
-            files = sorted(path.glob("model*.safetensors"))
-            if not files:
-                raise FileNotFoundError(f"no model*.safetensors in {path}")
-            state = {}
-            for f in files:
-                state.update(load_file(f, device=str(self.device)))
-            missing, unexpected = self.model.load_state_dict(state, strict=False)
-            tied = set(getattr(self.model, "_tied_weights_keys", None) or {})
-            tied |= {"lm_head.weight"} if _tied(self.model) else set()
-            missing = [k for k in missing if k not in tied]
-            if missing or unexpected:
-                raise ValueError(
-                    f"state dict in {path} does not match: missing {missing[:5]}, "
-                    f"unexpected {unexpected[:5]}"
-                )
+            return self
+        if self.is_peft:
+            raise ValueError(
+                f"{path} holds full (merged) weights but this policy is LoRA-wrapped: open it "
+                "with load_hf(path, lora=...) instead"
+            )
+        files = sorted(path.glob("model*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no model*.safetensors in {path}")
+        state = {}
+        for f in files:
+            state.update(load_file(f, device=str(self.device)))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        tied = {_output_weight_key(self.model)} if _tied(self.model) else set()
+        missing = [k for k in missing if k not in tied]
+        if missing or unexpected:
+            raise ValueError(
+                f"state dict in {path} does not match: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
         return self
 
 
@@ -466,6 +511,12 @@ def _head_logprobs(
 def _tied(model) -> bool:
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
     return out is not None and inp is not None and out.weight is inp.weight
+
+
+def _output_weight_key(model) -> str:
+    """State-dict key of the output layer's weight (e.g. "lm_head.weight")."""
+    head = model.get_output_embeddings()
+    return next(f"{n}.weight" for n, m in model.named_modules() if m is head)
 
 
 def _eos_ids(tokenizer, model) -> list[int]:
@@ -512,12 +563,25 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 def _finish(model, tokenizer, lora, gradient_checkpointing, keep_dropout: bool = False) -> Policy:
     """Pad/template fixes, dropout off, gradient checkpointing, LoRA; wrap as a Policy."""
+    from transformers import GenerationConfig
+
     _prepare_tokenizer(tokenizer, model)
     eos = _eos_ids(tokenizer, model)
+    # A clean generation config: the hub's sampling defaults (top_k, repetition_penalty, min_p,
+    # ...) would change the sampling distribution the RL objective assumes.
+    model.generation_config = GenerationConfig(
+        bos_token_id=model.config.bos_token_id,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     if not keep_dropout:
         disable_dropout(model)  # before LoRA, whose own dropout is configured explicitly
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False  # generate() passes use_cache=True explicitly
     lora = _plain(lora)
     if lora:

@@ -138,6 +138,10 @@ class _AdditiveRetriever(_Retriever):
         self._zero = np.zeros(len(ids), dtype=np.float32)
         self._indexed = True
 
+    def clear_cache(self) -> None:
+        """Drop the cached term score vectors (they stay valid until the next index())."""
+        self._cache.clear()
+
     def term_vectors(self, terms: Sequence[str]) -> np.ndarray:
         """Per-term score vectors (unknown words -> zeros).  # (len(terms), D) float32"""
         self._require_index()
@@ -373,6 +377,10 @@ class Dense(_Retriever):
             show_progress_bar=False,
         ).astype(np.float32)  # (D, E)
         self._indexed = True
+
+    def clear_cache(self) -> None:
+        """Drop the cached query embeddings."""
+        self._cache.clear()
 
     def score(self, texts: Sequence[str]) -> np.ndarray:
         """Cosine (or dot) score of every document for each text.  # (Q, D) float32"""

@@ -135,6 +135,8 @@ class Reward:
             num_cols = len(col_of)
         else:
             pool_ids = list(dict.fromkeys(pool))
+            if not pool_ids:
+                raise ValueError(f"sample {qid!r}: its pool is empty; use None for the catalog")
             for pid in pool_ids:
                 if pid not in col_of:
                     raise ValueError(
@@ -291,7 +293,8 @@ class Reward:
         seg = np.ascontiguousarray(rows[1:])  # (n, C)
 
         def compute(masks: np.ndarray, _queries: list[str]) -> np.ndarray:
-            # 0/1 weights make every product exact, so equal columns stay exactly equal
+            # 0/1 weights make every product exact and each column is summed in the same
+            # order, so equal columns stay exactly equal (ties stay ties)
             scores = masks.astype(np.float32) @ seg  # (K, n) @ (n, C) -> (K, C)
             scores += base
             return self._main(scores, judged, cand)

@@ -208,20 +208,12 @@ def attach_demos(samples: Iterable[Sample], demos: Mapping[str, str]) -> int:
     return count
 
 
-def read_table(path: Path, columns: Sequence[str] | None = None, dtype=None):
-    """Read a parquet or CSV file into a pandas DataFrame (``columns``: those to keep)."""
-    import pandas as pd
-
-    if path.suffix == ".parquet":
-        return pd.read_parquet(path, columns=list(columns) if columns else None)
-    return pd.read_csv(path, usecols=list(columns) if columns else None, dtype=dtype)
-
-
-def require_columns(frame, required: Iterable[str], path: Path | str) -> None:
-    """Raise a ``ValueError`` naming each required column missing from ``frame``."""
-    missing = [c for c in required if c not in frame.columns]
+def require_columns(present: Iterable[str], required: Iterable[str], path: Path | str) -> None:
+    """Raise a ``ValueError`` naming each required column missing from ``present``."""
+    present = list(present)
+    missing = [c for c in required if c not in present]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {list(frame.columns)}")
+        raise ValueError(f"{path}: missing column(s) {missing}; the file has {present}")
 
 
 def log_drop(count: int, what: str) -> None:
@@ -241,6 +233,5 @@ __all__ = [
     "load_demos",
     "log_drop",
     "make_messages",
-    "read_table",
     "require_columns",
 ]

@@ -639,7 +639,7 @@ class ShopData(Dataset):
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
         user_template: str = "{request}",
         demo_keep: float = 0.85,
-        demo_noise: tuple[float, ...] | list[float] = (0.4, 0.4, 0.2),
+        demo_noise: tuple[float, ...] | list[float] = (0.5, 0.35, 0.15),
     ) -> None:
         if num_products < 100:
             raise ValueError(f"num_products must be >= 100, got {num_products}")
@@ -671,6 +671,7 @@ class ShopData(Dataset):
             "val": eligible[n_test : n_test + n_val],
             "train": eligible[n_test + n_val :],
         }
+        _move_unseen_to_train(groups, self.intents)
         wanted = {"train": num_train, "val": num_val, "test": num_test}
         for name, group in groups.items():
             if wanted[name] and len(group) == 0:
@@ -678,9 +679,6 @@ class ShopData(Dataset):
                     f"no intent left for the {name} split: {len(eligible)} intents have "
                     f"{MIN_EXACT}-{MAX_EXACT} products; raise num_products (got {num_products})"
                 )
-        _check_values_seen(
-            groups["train"], self.intents, held_out=np.concatenate([groups["val"], groups["test"]])
-        )
         # 4-6. requests, labels, demos, pools
         attrs = np.array(self.intents, dtype=object)[product_intent]  # (P, 4)
         gains_cache: dict[int, dict[str, float]] = {}
@@ -697,7 +695,7 @@ class ShopData(Dataset):
                 intent = self.intents[intent_id]
                 if intent_id not in gains_cache:
                     gains_cache[intent_id] = intent_gains(intent, attrs, ids)
-                gains = gains_cache[intent_id]
+                gains = dict(gains_cache[intent_id])  # a copy per sample
                 request = make_request(rng_request, intent)
                 pool = None if pool_size is None else build_pool(gains, ids, pool_size, rng_pool)
                 samples.append(
@@ -734,19 +732,25 @@ def _held_out(available: int, fraction: float, wanted: int) -> int:
     return min(n, wanted, available - 1)
 
 
-def _check_values_seen(train: np.ndarray, intents: list, held_out: np.ndarray) -> None:
-    """Every attribute value of a held-out intent must occur in some training intent."""
-    seen = [set() for _ in range(4)]
-    for i in train:
-        for j, v in enumerate(intents[int(i)]):
-            seen[j].add(v)
-    for i in held_out:
-        for j, v in enumerate(intents[int(i)]):
-            if v not in seen[j]:
-                raise ValueError(
-                    f"held-out intent {intents[int(i)]} has attribute value {v!r} that no "
-                    "training intent has; raise num_products or lower the held-out fractions"
-                )
+def _move_unseen_to_train(groups: dict[str, np.ndarray], intents: list) -> None:
+    """Move to train every held-out intent with an attribute value that no training intent has,
+    so that held-out intents are new COMBINATIONS of seen values (a no-op at the default size)."""
+    seen = [{intents[int(i)][j] for i in groups["train"]} for j in range(4)]
+    moved = True
+    while moved:
+        moved = False
+        for name in ("val", "test"):
+            keep = []
+            for i in groups[name]:
+                intent = intents[int(i)]
+                if all(v in seen[j] for j, v in enumerate(intent)):
+                    keep.append(i)
+                else:
+                    groups["train"] = np.append(groups["train"], i)
+                    for j, v in enumerate(intent):
+                        seen[j].add(v)
+                    moved = True
+            groups[name] = np.asarray(keep, dtype=np.int64)
 
 
 # --stats ------------------------------------------------------------------------------------

@@ -1,0 +1,197 @@
+"""ospo.report: loading summaries, statistics over seeds, markdown tables and the figure."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from ospo.report import (
+    aggregate,
+    interpolate_curves,
+    load_runs,
+    main,
+    mean_ci,
+    plot,
+    render_markdown,
+)
+
+T_975_DF2 = 4.302652729911275  # Student t quantile 0.975 with 2 degrees of freedom
+
+
+def _scores(ndcg, recall=0.5, mrr=0.4):
+    return {"ndcg@10": ndcg, "recall@10": recall, "mrr": mrr, "format_ok": 1.0}
+
+
+def _summary(label, seed, ndcg, recall, mrr, held_out=None, steps=(0, 10, 20), val=None):
+    val = val or [0.1, 0.2, 0.3]
+    test = {"train": _scores(ndcg, recall, mrr)}
+    test.update({k: _scores(v) for k, v in (held_out or {}).items()})
+    return {
+        "label": label,
+        "method": label.split("-")[0],
+        "seed": seed,
+        "steps": steps[-1],
+        "wall_s": 100.0 + seed,
+        "val_history": [
+            {
+                "step": s,
+                "wall_s": 5.0 * s + seed,
+                "val/ndcg@10": v,
+                "val/recall@10": v,
+                "val/mrr": v,
+                "val/format_ok": 1.0,
+            }
+            for s, v in zip(steps, val, strict=True)
+        ],
+        "test": test,
+    }
+
+
+def _write(root, job, summary):
+    folder = root / job
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """Three OSPO seeds (all held-out retrievers), two GRPO seeds (one without bm25_plus)."""
+    root = tmp_path / "multirun"
+    ospo = [(0.4, 0.6, 0.5), (0.5, 0.7, 0.6), (0.6, 0.8, 0.7)]
+    for seed, (n, r, m) in enumerate(ospo):
+        held = {"dense": n - 0.1 * (seed + 1), "bm25_plus": n}
+        _write(root, str(seed), _summary("ospo-owen-phrase", seed, n, r, m, held))
+    _write(
+        root,
+        "3",
+        _summary("grpo", 0, 0.3, 0.5, 0.4, {"dense": 0.2, "bm25_plus": 0.3}, val=[0.1, 0.15, 0.2]),
+    )
+    _write(
+        root,
+        "4",
+        _summary(
+            "grpo",
+            1,
+            0.5,
+            0.5,
+            0.4,
+            {"dense": 0.3},
+            steps=(0, 10, 20, 30),
+            val=[0.1, 0.2, 0.3, 0.4],
+        ),
+    )
+    return root
+
+
+def test_mean_ci_hand_computed():
+    mean, half, n = mean_ci([0.4, 0.5, 0.6])
+    assert (n, mean) == (3, pytest.approx(0.5))
+    assert half == pytest.approx(T_975_DF2 * 0.1 / math.sqrt(3))
+    mean, half, n = mean_ci([0.7])
+    assert (mean, n) == (0.7, 1) and math.isnan(half)
+    mean, half, n = mean_ci([])
+    assert n == 0 and math.isnan(mean) and math.isnan(half)
+    mean, half, n = mean_ci([0.3, 0.5])  # t_{0.975,1} = 12.706
+    assert half == pytest.approx(12.706204736 * math.sqrt(0.02) / math.sqrt(2), rel=1e-6)
+
+
+def test_load_runs_finds_every_summary(sweep):
+    runs = load_runs(sweep)
+    assert len(runs) == 5
+    assert all(r["path"].endswith("summary.json") for r in runs)
+
+
+def test_load_runs_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no summary.json found below .*empty"):
+        (tmp_path / "empty" / "job0").mkdir(parents=True)
+        load_runs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        load_runs(tmp_path / "nowhere")
+    bad = tmp_path / "bad"
+    (bad / "0").mkdir(parents=True)
+    (bad / "0" / "summary.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_runs(bad)
+    (bad / "0" / "summary.json").write_text(json.dumps({"label": "grpo"}))
+    with pytest.raises(ValueError, match="lacks"):
+        load_runs(bad)
+
+
+def test_aggregate_numbers(sweep):
+    agg = aggregate(load_runs(sweep))
+    assert list(agg["labels"]) == ["grpo", "ospo-owen-phrase"]
+    assert agg["held_out"] == ["bm25_plus", "dense"]
+    e = agg["labels"]["ospo-owen-phrase"]
+    assert e["n"] == 3 and sorted(e["seeds"]) == [0, 1, 2]
+    mean, half, n = e["test"]["ndcg@10"]
+    assert (mean, half, n) == (pytest.approx(0.5), pytest.approx(T_975_DF2 * 0.1 / 3**0.5), 3)
+    assert e["test"]["recall@10"][0] == pytest.approx(0.7)
+    assert e["test"]["mrr"][0] == pytest.approx(0.6)
+    assert e["val_start"][0] == pytest.approx(0.1) and e["val_end"][0] == pytest.approx(0.3)
+    assert e["wall_s"][0] == pytest.approx(101.0)
+    # dense drops are -0.1, -0.2, -0.3 (paired per seed): mean -0.2, s = 0.1
+    d = e["ood"]["dense"]
+    assert d["drop"][0] == pytest.approx(-0.2)
+    assert d["drop"][1] == pytest.approx(T_975_DF2 * 0.1 / 3**0.5)
+    assert d["drop_pct"] == pytest.approx(-40.0)
+    assert e["ood"]["bm25_plus"]["drop"][0] == pytest.approx(0.0)
+    g = agg["labels"]["grpo"]
+    assert g["ood"]["bm25_plus"]["held_out"][2] == 1  # one seed lacks bm25_plus
+    assert g["ood"]["bm25_plus"]["drop"][0] == pytest.approx(0.0)
+    assert math.isnan(g["ood"]["bm25_plus"]["drop"][1])
+    assert g["ood"]["dense"]["drop"][0] == pytest.approx(-0.15)
+    assert g["ood"]["dense"]["drop_pct"] == pytest.approx(-37.5)
+
+
+def test_markdown_table(sweep):
+    md = render_markdown(aggregate(load_runs(sweep)))
+    half = T_975_DF2 * 0.1 / 3**0.5
+    row = next(line for line in md.splitlines() if line.startswith("| ospo-owen-phrase | 3 |"))
+    assert f"0.5000 ± {half:.4f}" in row
+    assert f"0.7000 ± {half:.4f}" in row and f"0.6000 ± {half:.4f}" in row
+    assert "0.1000 -> 0.3000" in row and "| 101 |" in row
+    dense = next(
+        line for line in md.splitlines() if line.startswith("| ospo-owen-phrase | dense |")
+    )
+    assert f"-0.2000 ± {half:.4f}" in dense and "-40.0%" in dense
+    lone = next(line for line in md.splitlines() if line.startswith("| grpo | bm25_plus |"))
+    assert "| 1 |" in lone and "0.3000 ± n/a" in lone
+
+
+def test_single_seed_and_missing_held_out(tmp_path):
+    _write(tmp_path, "0", _summary("grpo", 0, 0.3, 0.5, 0.4))
+    agg = aggregate(load_runs(tmp_path))
+    md = render_markdown(agg)
+    assert "0.3000 ± n/a" in md
+    assert "No held-out retriever" in md
+    _write(tmp_path, "1", _summary("ospo", 0, 0.4, 0.5, 0.4, {"dense": 0.2}))
+    md = render_markdown(aggregate(load_runs(tmp_path)))
+    assert "| grpo | dense | 0 | 0.3000 ± n/a | missing | n/a | n/a |" in md
+
+
+def test_interpolate_curves_union_grid():
+    c = interpolate_curves([[0, 10, 20], [0, 20, 40]], [[0.0, 1.0, 2.0], [0.0, 2.0, 4.0]])
+    np.testing.assert_allclose(c["x"], [0, 10, 20, 40])
+    np.testing.assert_allclose(c["mean"], [0.0, 1.0, 2.0, 4.0])
+    np.testing.assert_array_equal(c["n"], [2, 2, 2, 1])
+    assert np.isnan(c["lo"][3]) and c["lo"][0] == pytest.approx(0.0)
+
+
+def test_plot_and_cli(sweep, tmp_path, capsys):
+    out = tmp_path / "out"
+    png = plot(aggregate(load_runs(sweep)), out / "fig.png")
+    assert png.stat().st_size > 1000
+    md = main([str(sweep), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert md in printed
+    assert (out / "report.md").read_text() == md
+    assert (out / "report.png").stat().st_size > 1000
+    main([str(sweep)])  # default out = the sweep folder
+    assert (sweep / "report.png").exists() and (sweep / "report.md").exists()
+
+
+def test_cli_error_names_the_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([str(tmp_path)])
+    assert f"no summary.json found below {tmp_path}" in capsys.readouterr().err
