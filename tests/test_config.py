@@ -12,7 +12,7 @@ from ospo.data.shop import ShopData
 from .conftest import CONF
 
 GROUPS = ["data", "model", "retriever", "reward", "segmenter", "attribution", "baseline",
-          "trainer", "logger", "callbacks", "format", "experiment", "hparams_search"]
+          "trainer", "logger", "callbacks", "format", "variant", "experiment", "hparams_search"]
 
 
 def options(group):
@@ -79,6 +79,16 @@ def test_instantiate_heavy_options(make_cfg):
     r = instantiate(make_cfg(["retriever=dense"]).retriever)
     r.index(dict(list(shop.catalog.items())[:50]))
     assert r.score(["ski jacket"]).shape == (1, 50)
+
+
+def test_variants_pick_the_compared_methods(make_cfg):
+    cfg = make_cfg(["experiment=compare_shop", "variant=ospo_mc_phrase"])
+    assert cfg.baseline.name == "ospo" and cfg.attribution._target_.endswith("ShapleyMC")
+    assert cfg.rl.steps == 20 and "dense" in cfg.eval.retrievers
+    cfg = make_cfg(["experiment=compare_shop", "variant=grpo"])
+    assert cfg.baseline.name == "grpo" and not cfg.baseline.credit
+    cfg = make_cfg(["variant=ospo_owen_sentence"])
+    assert cfg.segmenter._target_.endswith("SentenceSegmenter")
 
 
 def test_data_requires_root(make_cfg):

@@ -119,8 +119,9 @@ def test_generate_stops_at_eos_and_masks(tiny, eos_boost):
 
 def test_greedy_is_deterministic_and_mode_restored(tiny):
     tiny.train()
+    tiny.model.transformer.h[0].eval()  # a mixed-mode model keeps each module's mode
     a = tiny.generate(MESSAGES, num_generations=2, max_new_tokens=10, do_sample=False)
-    assert tiny.training and tiny.model.training
+    assert tiny.training and tiny.model.training and not tiny.model.transformer.h[0].training
     tiny.eval()
     b = tiny.generate(MESSAGES, num_generations=2, max_new_tokens=10, do_sample=False)
     assert not tiny.model.training
@@ -290,6 +291,40 @@ def test_token_logprobs_chunked_matches_and_grads(tiny, monkeypatch):
         assert torch.isfinite(p.grad).all()
         assert torch.allclose(g, p.grad, atol=1e-5)
     tiny.zero_grad()
+
+
+def test_shared_prompt_pass_matches_plain_pass_and_grads(tiny, eos_boost):
+    """group_size=G runs each prompt once; values and gradients equal the plain pass."""
+    torch.manual_seed(6)
+    G = 3
+    r = tiny.generate(MESSAGES, num_generations=G, max_new_tokens=10)
+    args = (r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+    results = []
+    for group_size in (1, G):
+        tiny.zero_grad()
+        lp, ent = tiny.token_logprobs(*args, with_entropy=True, group_size=group_size)
+        (lp * torch.linspace(-1, 1, lp.numel()).view_as(lp)).sum().backward()
+        results.append((lp.detach(), ent.detach(), [p.grad.clone() for p in tiny.parameters()]))
+    (lp1, ent1, g1), (lpG, entG, gG) = results
+    assert torch.allclose(lp1, lpG, atol=1e-5) and torch.allclose(ent1, entG, atol=1e-4)
+    for a, b in zip(g1, gG, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    tiny.zero_grad()
+    # rows that do not repeat their prompt fall back to the plain pass
+    swapped = [x[[0, G] + list(range(1, G)) + list(range(G + 1, len(x)))] for x in args]
+    lp_s = tiny.token_logprobs(*swapped, group_size=G)
+    assert torch.allclose(lp_s, lp1[[0, G] + list(range(1, G)) + list(range(G + 1, len(lp1)))],
+                          atol=1e-5)
+
+
+def test_shared_prefill_generation_matches_plain(tiny, monkeypatch):
+    """Prefilling each prompt once samples the same tokens as prefilling every row."""
+    torch.manual_seed(7)
+    shared = tiny.generate(MESSAGES, num_generations=3, max_new_tokens=10)
+    monkeypatch.setattr(Policy, "_checkpointing", lambda self: True)  # forces the plain path
+    torch.manual_seed(7)
+    plain = tiny.generate(MESSAGES, num_generations=3, max_new_tokens=10)
+    assert torch.equal(shared.completion_ids, plain.completion_ids)
 
 
 def test_token_logprobs_rejects_bad_shapes(tiny):

@@ -173,6 +173,9 @@ class RLModule(L.LightningModule):
         if self.ref_policy is not None:
             self.ref_policy.requires_grad_(False).eval()
 
+    def on_fit_start(self) -> None:
+        self.policy.train()  # loaders return eval mode; dropout is off either way
+
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.rl["lr"], weight_decay=self.rl["weight_decay"])
@@ -226,16 +229,17 @@ class RLModule(L.LightningModule):
         ref_logp = None
         beta = self.baseline["loss"]["beta"]
         args = (ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask)
+        shared = {"group_size": G}  # one prompt pass per request
         if self.baseline["mu"] > 1:
             with torch.no_grad():
-                old_logp = self.policy.token_logprobs(*args)  # (N, T)
+                old_logp = self.policy.token_logprobs(*args, **shared)  # (N, T)
         if beta > 0:
             with torch.no_grad():
-                ref_logp = self.ref_policy.token_logprobs(*args)  # (N, T)
+                ref_logp = self.ref_policy.token_logprobs(*args, **shared)  # (N, T)
         opt, sched = self.optimizers(), self.lr_schedulers()
         t0 = time.perf_counter()
         for _ in range(self.baseline["mu"]):
-            logp, entropy = self.policy.token_logprobs(*args, with_entropy=True)  # (N, T) x2
+            logp, entropy = self.policy.token_logprobs(*args, with_entropy=True, **shared)  # (N, T)
             loss, loss_metrics = policy_loss(
                 logp, logp.detach() if old_logp is None else old_logp, adv, mask,
                 eps_low=self.baseline["loss"]["eps_low"],
@@ -255,7 +259,7 @@ class RLModule(L.LightningModule):
         step_s = time.perf_counter() - t_step
         lengths = ro.completion_mask.sum(1).float()
         metrics = self.reward.metrics(ro.texts, samples)
-        fmt = [self.format_check(t, bool(e)) for t, e in zip(ro.texts, self._ended(ro), strict=True)]
+        fmt = [self.format_check(t, bool(e)) for t, e in zip(ro.texts, ro.ended, strict=True)]
         group_r = torch.as_tensor(np.asarray(rewards)).view(-1, G)
         log = {
             "train/reward_mean": float(np.mean(rewards)),
@@ -279,15 +283,6 @@ class RLModule(L.LightningModule):
         self.rollout_step += 1
         return None
 
-    def _ended(self, ro) -> list[bool]:
-        """Whether each completion stopped on EOS inside the budget (not cut at max_new_tokens)."""
-        eos = self.policy.tokenizer.eos_token_id
-        out = []
-        for ids, m in zip(ro.completion_ids, ro.completion_mask, strict=True):
-            n = int(m.sum())
-            out.append(n > 0 and int(ids[n - 1]) == eos)
-        return out
-
     # ----------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
         self._val_outputs = []
@@ -298,7 +293,7 @@ class RLModule(L.LightningModule):
             max_new_tokens=self.rl["max_new_tokens"], do_sample=False,
         )
         metrics = self.reward.metrics(ro.texts, batch)
-        ended = self._ended(ro)
+        ended = [bool(e) for e in ro.ended]
         for i, s in enumerate(batch):
             row = {k: float(v[i]) for k, v in metrics.items()}
             row["format_ok"] = float(self.format_check(ro.texts[i], ended[i]))
@@ -376,6 +371,9 @@ class SFTModule(L.LightningModule):
     def __init__(self, policy: Policy, sft: dict[str, Any], max_steps: int):
         super().__init__()
         self.policy, self.sft, self.max_steps = policy, dict(sft), max_steps
+
+    def on_fit_start(self) -> None:
+        self.policy.train()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
         out = self.policy.model(

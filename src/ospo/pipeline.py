@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -30,6 +32,12 @@ from ospo.module import RLModule, SFTModule, sample_loader, step_loader
 from ospo.policy import Policy, load_hf
 
 log = logging.getLogger("ospo")
+
+# Lightning notes that do not apply here: checkpoints are meant to hold the post-update state,
+# and the policy's dropout is disabled, so train/eval mode is immaterial.
+for _msg in ("Using ModelCheckpoint with manual optimization", r"Found \d+ module\(s\) in eval mode",
+             ".*LeafSpec.* is deprecated", "The number of training batches"):
+    warnings.filterwarnings("ignore", message=_msg)
 
 # ------------------------------------------------------------------ small utilities
 def write_json(path: Path, obj: Any) -> None:
@@ -121,21 +129,24 @@ def make_trainer(cfg: DictConfig, run_dir: Path, single: bool = False, **kw) -> 
 
 
 # ------------------------------------------------------------------ generation + scoring
+def autocast_for(cfg: DictConfig, policy: Policy):
+    """The trainer's mixed precision, for generation outside the Lightning loop."""
+    bf16 = str(cfg.trainer.get("precision", "32")).startswith("bf16")
+    return torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
 @torch.no_grad()
 def generate_all(policy: Policy, samples: Sequence[Sample], batch_size: int, max_new_tokens: int,
                  do_sample: bool = False, temperature: float = 1.0, desc: str = "generate"):
     """One completion per request, batched. Returns texts and whether each ended on EOS."""
     texts, ended = [], []
-    eos = policy.tokenizer.eos_token_id
     for i in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
         batch = samples[i : i + batch_size]
         ro = policy.generate([s.messages for s in batch], num_generations=1,
                              max_new_tokens=max_new_tokens, do_sample=do_sample,
                              temperature=temperature)
         texts += ro.texts
-        for ids, m in zip(ro.completion_ids, ro.completion_mask, strict=True):
-            n = int(m.sum())
-            ended.append(n > 0 and int(ids[n - 1]) == eos)
+        ended += [bool(e) for e in ro.ended]
     return texts, ended
 
 
@@ -197,14 +208,15 @@ def run_sft(cfg: DictConfig, data, reward, format_check, run_dir: Path) -> Path:
     trainer = make_trainer(
         cfg, run_dir / "sft", single=True, max_steps=cfg.sft.steps, max_epochs=-1,
         logger=False, enable_checkpointing=False, limit_val_batches=0,
-        val_check_interval=None,
+        callbacks=[TQDMProgressBar(refresh_rate=1)],
     )
     log.info("warm-up: %d steps of %d demonstrations", cfg.sft.steps, cfg.sft.batch_size)
     trainer.fit(module, train_dataloaders=loader)
 
     val = data.splits["val"][: cfg.rl.val_size] if cfg.rl.val_size else data.splits["val"]
-    texts, ended = generate_all(policy, val, cfg.eval.batch_size, cfg.rl.max_new_tokens,
-                                desc="warm-up check")
+    with autocast_for(cfg, policy):
+        texts, ended = generate_all(policy, val, cfg.eval.batch_size, cfg.rl.max_new_tokens,
+                                    desc="warm-up check")
     scores = score_all(texts, val, reward, format_check, ended)
     verdict = "ok" if scores["format_ok"] >= cfg.sft.min_format_ok else "BELOW TARGET"
     print(f"warm-up: format_ok={scores['format_ok']:.3f} (target {cfg.sft.min_format_ok}, "
@@ -316,8 +328,9 @@ def _fit_and_summarise(cfg, run_dir, t_start, data, reward, format_check, policy
         k = reward.k
         test = data.splits[cfg.eval.split]
         test = test[: cfg.eval.size] if cfg.eval.size else test
-        texts, ended = generate_all(policy, test, cfg.eval.batch_size, cfg.rl.max_new_tokens,
-                                    desc=f"{cfg.eval.split} scores")
+        with autocast_for(cfg, policy):
+            texts, ended = generate_all(policy, test, cfg.eval.batch_size,
+                                        cfg.rl.max_new_tokens, desc=f"{cfg.eval.split} scores")
         scores = {"train": score_all(texts, test, reward, format_check, ended)}
         for name in cfg.eval.retrievers:
             other = build_reward(_retriever_cfg(name), cfg.reward, data.catalog)
@@ -378,9 +391,12 @@ def run_eval(cfg: DictConfig, run_dir: Path, conf_dir: Path) -> dict[str, Any]:
     policy.eval()
     samples = data.splits[cfg.eval.split]
     samples = samples[: cfg.eval.size] if cfg.eval.size else samples
-    texts, ended = generate_all(policy, samples, cfg.eval.batch_size, cfg.rl.max_new_tokens,
-                                do_sample=cfg.eval.do_sample, temperature=cfg.eval.temperature,
-                                desc=f"{cfg.eval.split} expansions")
+    with autocast_for(cfg, policy):
+        texts, ended = generate_all(
+            policy, samples, cfg.eval.batch_size, cfg.rl.max_new_tokens,
+            do_sample=cfg.eval.do_sample, temperature=cfg.eval.temperature,
+            desc=f"{cfg.eval.split} expansions",
+        )
     format_check = instantiate(cfg.format)
     results: dict[str, Any] = {"ckpt_path": cfg.ckpt_path, "split": cfg.eval.split,
                                "n": len(samples), "retrievers": {}}

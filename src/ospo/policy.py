@@ -281,15 +281,21 @@ class Policy(torch.nn.Module):
         )
         if do_sample:  # exactly softmax(logits / temperature) on the top-p nucleus; no top-k
             gen_kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
-        was_training = self.model.training
-        self.model.eval()
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
         try:
             with torch.inference_mode():
+                if G > 1 and P > 1 and not self._checkpointing():
+                    # prefill each request's first P - 1 tokens once, not G times
+                    gen_kwargs["cache"], _ = self._prompt_cache(
+                        prompt_ids[::G, :-1], prompt_mask[::G, :-1], G
+                    )
                 out = self.model.generate(
                     input_ids=prompt_ids, attention_mask=prompt_mask, **gen_kwargs
                 )  # (N, P + T)
         finally:
-            self.model.train(was_training)
+            for module, training in modes:  # restore each module's own mode
+                module.training = training
         completion_ids = out[:, P:].clone()  # (N, T)
         completion_mask, ended = self.completion_mask(completion_ids)
         completion_ids[completion_mask == 0] = self.pad_token_id
@@ -335,6 +341,7 @@ class Policy(torch.nn.Module):
         with_entropy: bool = False,
         *,
         temperature: float = 1.0,
+        group_size: int = 1,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """log pi(c_t | prompt, c_<t) for every completion token, (N, T), zero on padding.
 
@@ -343,6 +350,11 @@ class Policy(torch.nn.Module):
         output layer sees only the T hidden states that predict completion tokens. Logits are
         divided by `temperature` (match the sampling temperature to score the sampling
         distribution). With `with_entropy`, also returns H_t = -sum_v p_v log p_v, (N, T).
+
+        `group_size=G` (rows g*G..g*G+G-1 share one prompt, as `generate` returns them): the
+        prompt goes through the backbone once per request and its KV cache serves the G
+        completions; gradients from the G rows add up in the shared pass. Same values as the
+        plain pass up to float rounding; falls back to it when the rows do not repeat.
         """
         N, P = prompt_ids.shape
         T = completion_ids.shape[1]
@@ -357,13 +369,31 @@ class Policy(torch.nn.Module):
                 f"{tuple(completion_ids.shape)}"
             )
         dev = self.device
-        ids = torch.cat([prompt_ids, completion_ids], 1)[:, : P + T - 1].to(dev)  # (N, L)
-        mask = torch.cat([prompt_mask, completion_mask], 1)[:, : P + T - 1].to(dev)  # (N, L)
-        position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)  # (N, L)
-        hidden = self.backbone(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state  # (N, L, H)
-        hidden = hidden[:, P - 1 :]  # (N, T, H): the states that predict completion tokens
+        prompt_ids, prompt_mask = prompt_ids.to(dev), prompt_mask.to(dev)
+        completion_ids, completion_mask = completion_ids.to(dev), completion_mask.to(dev)
+        unique = None
+        if not self._checkpointing():
+            unique = _unique_prompts(prompt_ids, prompt_mask, group_size)
+        if unique is None:
+            ids = torch.cat([prompt_ids, completion_ids], 1)[:, : P + T - 1]  # (N, L)
+            mask = torch.cat([prompt_mask, completion_mask], 1)[:, : P + T - 1]  # (N, L)
+            position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)  # (N, L)
+            hidden = self.backbone(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state  # (N, L, H)
+            hidden = hidden[:, P - 1 :]  # (N, T, H): the states that predict completion tokens
+        else:
+            cache, prompt_hidden = self._prompt_cache(*unique, group_size)  # (B, P, H)
+            first = prompt_hidden[:, -1:].repeat_interleave(group_size, 0)  # (N, 1, H)
+            mask = torch.cat([prompt_mask, completion_mask[:, :-1]], 1)  # (N, P + T - 1)
+            position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)[:, P:]  # (N, T - 1)
+            hidden = first
+            if T > 1:
+                rest = self.backbone(
+                    input_ids=completion_ids[:, :-1], attention_mask=mask,
+                    position_ids=position_ids, cache=cache, use_cache=True,
+                ).last_hidden_state  # (N, T - 1, H)
+                hidden = torch.cat([first, rest], 1)  # (N, T, H)
         targets = completion_ids.to(dev)  # (N, T)
         V = self.lm_head.weight.shape[0]
         rows = max(1, _MAX_LOGITS // max(1, T * V))
@@ -384,6 +414,20 @@ class Policy(torch.nn.Module):
         if not with_entropy:
             return logp
         return logp, torch.where(valid, torch.cat(ents), 0.0)
+
+    def _checkpointing(self) -> bool:
+        """Gradient checkpointing drops KV caches in training mode: no prompt sharing then."""
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.backbone.modules())
+
+    def _prompt_cache(self, p_ids: Tensor, p_mask: Tensor, group_size: int):
+        """Backbone over B unique prompts: its KV cache repeated to N = B * G rows, and the
+        last hidden states (B, P, H)."""
+        position_ids = (p_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, P)
+        out = self.backbone(
+            input_ids=p_ids, attention_mask=p_mask, position_ids=position_ids, use_cache=True
+        )
+        out.cache.batch_repeat_interleave(group_size)  # each layer (N, heads, P, d)
+        return out.cache, out.last_hidden_state
 
     # ---- training helpers --------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -492,11 +536,25 @@ class Policy(torch.nn.Module):
         return self
 
 
+def _unique_prompts(ids: Tensor, mask: Tensor, group_size: int) -> tuple[Tensor, Tensor] | None:
+    """The (B, P) prompts when each run of `group_size` rows repeats one prompt, else None."""
+    if group_size < 2 or ids.shape[0] % group_size or ids.shape[1] < 2:
+        return None
+    p_ids, p_mask = ids[::group_size], mask[::group_size]  # (B, P)
+    same = torch.equal(p_ids.repeat_interleave(group_size, 0), ids) and torch.equal(
+        p_mask.repeat_interleave(group_size, 0), mask
+    )
+    return (p_ids, p_mask) if same else None
+
+
 def _head_logprobs(
     lm_head: torch.nn.Module, hidden: Tensor, targets: Tensor, scale: float, with_entropy: bool
 ) -> tuple[Tensor, Tensor]:
     """log_softmax(lm_head(h) * scale) gathered at targets, (n, T); entropy (n, T) or empty."""
-    logits = lm_head(hidden).float()  # (n, T, V)
+    # The output layer runs in the weights' dtype (float32 on CPU) even under bf16 autocast:
+    # log-prob ratios of a few per cent decide PPO clipping; bf16 logits are good to ~0.05.
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = lm_head(hidden.to(lm_head.weight.dtype)).float()  # (n, T, V)
     if scale != 1.0:
         logits = logits * scale
     lse = logits.logsumexp(-1)  # (n, T)

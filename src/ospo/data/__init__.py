@@ -35,9 +35,8 @@ ESCI_GAINS: dict[str, float] = {"E": 1.0, "S": 0.1, "C": 0.01, "I": 0.0}
 """Graded gains of the ESCI labels (KDD Cup 2022): Exact, Substitute, Complement, Irrelevant."""
 
 DEFAULT_SYSTEM_PROMPT = (
-    "You rewrite shopping requests into search queries for a product catalog. Keep the "
-    "request's words and add the product attributes it implies (category, audience, material, "
-    "feature, use). Answer with the query only, on one line."
+    "Rewrite the shopping request as a one-line search query: keep its words, add the product "
+    "attributes it implies."
 )
 """System prompt of every data set unless the data config overrides it."""
 

@@ -1,0 +1,468 @@
+"""Our GRPO step against TRL's `GRPOTrainer` on the same tiny policy, task and reward.
+
+Both sides train the same tiny GPT-2 (`ospo.policy.build_tiny`, built as `ospo.pipeline` builds
+`model=tiny`, saved to a temporary folder that TRL loads by path, with the same tokenizer) on the
+embedded shop task with the same reward (BM25 NDCG@10 from `ospo.reward`; for TRL a reward
+function of the completions and each row's `qid`). Same work per step on both sides:
+
+* 8 requests x 8 completions, exactly 32 new tokens each (min_new_tokens = max_new_tokens = 32,
+  so EOS never fires), sampling at temperature 1, top-p 1, no top-k, on CPU in float32;
+* group-normalised advantages, the clipped loss (eps 0.2 / 0.28), token-mean aggregation
+  (TRL `loss_type="dapo"`), entropy computed, beta = 0 (no reference model), one update per
+  batch (num_iterations = 1, no old log-prob pass), grad-norm clip 1.0, AdamW (torch), the
+  same constant learning rate, no weight decay;
+* the same requests in the same order (TRL: `shuffle_dataset=False`); TRL with no logging,
+  evaluation, saving, gradient checkpointing or progress bar.
+
+Our step is `RLModule.training_step`'s sequence of public calls (`Policy.generate`,
+`Reward.score_texts`, `ospo.advantage.GRPO`, `Policy.token_logprobs`, `ospo.loss.policy_loss`,
+backward, clip, AdamW), timed in two variants, each on its own copy of the policy:
+
+* `project`: exactly those calls;
+* `shared` (this benchmark's step): the same calls, except that the G completions of a request
+  share its prompt's forward pass (`shared_prefix_generate`, `shared_prefix_logprobs` below).
+  Rows of a group carry the same prompt, and a causal LM's states over the prompt do not
+  depend on what follows, so the prompt goes through the model once per request (B rows, not
+  N = B * G) and its key/value cache is repeated G times: in float32 the same log-probs
+  (bit-identical here) and gradients (up to float summation order) and the same sampled tokens
+  for a given seed. Legitimate for the real training step, so proposed for `Policy.generate` and
+  `Policy.token_logprobs`. Needs transformers 5 (`cache=` keyword, `.cache` output).
+
+The steps alternate: `trainer.train()` runs TRL, and a callback times each TRL step
+(`on_step_begin` -> `on_step_end`: generation, reward, loss, backward, clip, optimizer) and then
+runs and times our two steps of the same index. Medians over steps 3 and later.
+
+Last line: ``ours_over_trl=<median `shared` step / median TRL step>`` (target: at most 0.6); the
+line before it gives the `project` variant's ratio.
+
+    python benchmarks/vs_trl.py            # 8 steps each
+    python benchmarks/vs_trl.py --steps 4  # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from torch import Tensor  # noqa: E402
+from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
+
+import ospo.config  # noqa: E402,F401  (registers the config's resolvers)
+from ospo.advantage import GRPO  # noqa: E402
+from ospo.loss import policy_loss  # noqa: E402
+from ospo.module import step_seed  # noqa: E402
+from ospo.pipeline import base_policy, build_data, build_reward  # noqa: E402
+from ospo.policy import Policy, _head_logprobs  # noqa: E402
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+PROMPTS, GENERATIONS, NEW_TOKENS = 8, 8, 32
+LR, GRAD_CLIP, EPS_LOW, EPS_HIGH = 5e-5, 1.0, 0.2, 0.28
+SKIP = 2  # steps 1-2 are warm-up; medians over steps 3 and later
+VARIANTS = ("project", "shared")
+
+
+def compose_cfg(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+# ------------------------------------------------------------- shared prompt prefix
+def _checkpointing(policy: Policy) -> bool:
+    """Gradient checkpointing drops KV caches in training mode: no prefix sharing then."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in policy.backbone.modules())
+
+
+def _unique_prompts(ids: Tensor, mask: Tensor, group_size: int) -> tuple[Tensor, Tensor] | None:
+    """(B, P) prompt ids and mask when each run of `group_size` rows repeats one prompt."""
+    if group_size < 2 or ids.shape[0] % group_size or ids.shape[1] < 2:
+        return None
+    p_ids, p_mask = ids[::group_size], mask[::group_size]  # (B, P)
+    same = torch.equal(p_ids.repeat_interleave(group_size, 0), ids) and torch.equal(
+        p_mask.repeat_interleave(group_size, 0), mask
+    )
+    return (p_ids, p_mask) if same else None
+
+
+def _prompt_cache(policy: Policy, p_ids: Tensor, p_mask: Tensor, group_size: int):
+    """Backbone over the B unique prompts: (KV cache repeated to N rows, last hidden (B, P, H))."""
+    position_ids = (p_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, P)
+    out = policy.backbone(
+        input_ids=p_ids, attention_mask=p_mask, position_ids=position_ids, use_cache=True
+    )
+    out.cache.batch_repeat_interleave(group_size)  # (N, heads, P, d) per layer
+    return out.cache, out.last_hidden_state
+
+
+def shared_prefix_generate(policy: Policy, group_size: int, generate):
+    """Wrap `policy.model.generate`: prefill each unique prompt once, then sample N rows.
+
+    `Policy.generate` calls the model with (N, P) left-padded prompts, G identical rows per
+    request. The first P - 1 prompt tokens of the B unique prompts go through the backbone once;
+    their cache, repeated G times, is handed to `generate`, which then runs only the last prompt
+    token and the new tokens for all N rows.
+    """
+
+    def run(input_ids: Tensor, attention_mask: Tensor, **kwargs):
+        unique = (
+            None
+            if _checkpointing(policy)
+            else _unique_prompts(input_ids, attention_mask, group_size)
+        )
+        if unique is not None:
+            p_ids, p_mask = unique
+            kwargs["cache"], _ = _prompt_cache(policy, p_ids[:, :-1], p_mask[:, :-1], group_size)
+        return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    return run
+
+
+def shared_prefix_logprobs(
+    policy: Policy,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    group_size: int,
+    with_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """`Policy.token_logprobs` with one backbone pass per unique prompt (float32 head, T = 1
+    temperature, no row chunking: 64 x 32 x V logits are small here).
+
+    1. backbone over the B unique prompts (B, P) with use_cache=True; the state at the last
+       prompt position predicts completion token 0;
+    2. cache and that state repeated G times (N rows; gradients sum over the copies);
+    3. backbone over completion[:, :-1] (N, T - 1) with the cache, the attention mask of
+       [prompt; completion[:-1]] and positions continuing cumsum(mask) - 1;
+    4. output layer on the (N, T, H) states, as `Policy.token_logprobs`.
+    """
+    unique = (
+        None if _checkpointing(policy) else _unique_prompts(prompt_ids, prompt_mask, group_size)
+    )
+    if unique is None:
+        return policy.token_logprobs(
+            prompt_ids, prompt_mask, completion_ids, completion_mask, with_entropy=with_entropy
+        )
+    P = prompt_ids.shape[1]
+    cache, prompt_hidden = _prompt_cache(policy, *unique, group_size)
+    first = prompt_hidden[:, -1:].repeat_interleave(group_size, 0)  # (N, 1, H)
+    mask = torch.cat([prompt_mask, completion_mask[:, :-1]], 1)  # (N, P + T - 1)
+    position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)[:, P:]  # (N, T - 1)
+    rest = policy.backbone(
+        input_ids=completion_ids[:, :-1],
+        attention_mask=mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=True,
+    ).last_hidden_state  # (N, T - 1, H)
+    hidden = torch.cat([first, rest], 1)  # (N, T, H)
+    logp, entropy = _head_logprobs(policy.lm_head, hidden, completion_ids, 1.0, with_entropy)
+    valid = completion_mask.bool()  # (N, T)
+    logp = torch.where(valid, logp, 0.0)  # (N, T)
+    return (logp, torch.where(valid, entropy, 0.0)) if with_entropy else logp
+
+
+# ------------------------------------------------------------------------ timing
+class Timer:
+    """Accumulates wall time per named stage for the current step."""
+
+    def __init__(self):
+        self.now: dict[str, float] = defaultdict(float)
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.now[name] += time.perf_counter() - t0
+
+        return timed
+
+    def take(self) -> dict[str, float]:
+        out, self.now = dict(self.now), defaultdict(float)
+        return out
+
+
+class Ours:
+    """Our GRPO step on a Policy (RLModule.training_step's order, mu = 1, beta = 0, float32)."""
+
+    def __init__(self, policy: Policy, reward, shared: bool):
+        self.policy, self.reward, self.shared = policy, reward, shared
+        self.timer = tm = Timer()
+        self.params = [p for p in policy.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=LR, weight_decay=0.0)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda _: 1.0)
+        self.advantage = GRPO(scale="group")
+        generate = policy.model.generate
+
+        def forced(*args, **kwargs):  # exactly NEW_TOKENS tokens, as TRL's min_new_tokens
+            return generate(*args, **{**kwargs, "min_new_tokens": kwargs["max_new_tokens"]})
+
+        model_generate = tm.wrap("gen:model.generate", forced)
+        if shared:
+            model_generate = shared_prefix_generate(policy, GENERATIONS, model_generate)
+            model_generate = tm.wrap("gen:prefill+model.generate", model_generate)
+        policy.model.generate = model_generate
+        policy.train()
+
+    def step(self, prompts, seed: int) -> dict[str, float]:
+        tm, G = self.timer, GENERATIONS
+        samples = [s for s in prompts for _ in range(G)]  # N = B * G, prompt-major
+        t_step = time.perf_counter()
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        ro = self.policy.generate(
+            [s.messages for s in prompts],
+            num_generations=G,
+            max_new_tokens=NEW_TOKENS,
+            temperature=1.0,
+            top_p=1.0,
+        )
+        tm.now["generate"] += time.perf_counter() - t0
+        if int(ro.completion_mask.sum()) != len(samples) * NEW_TOKENS:
+            raise RuntimeError("a completion stopped before max_new_tokens")
+        mask = ro.completion_mask.float()  # (N, T)
+
+        t0 = time.perf_counter()
+        self.reward.clear_cache()
+        rewards = self.reward.score_texts(ro.texts, samples)  # (N,)
+        tm.now["reward"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        adv = self.advantage(rewards, G, ro.completion_mask).to(mask)  # (N, T)
+        tm.now["advantage"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        args = (ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask)
+        if self.shared:
+            logp, entropy = shared_prefix_logprobs(self.policy, *args, G, with_entropy=True)
+        else:
+            logp, entropy = self.policy.token_logprobs(*args, with_entropy=True)  # (N, T) x2
+        loss, _ = policy_loss(
+            logp,
+            logp.detach(),
+            adv,
+            mask,
+            eps_low=EPS_LOW,
+            eps_high=EPS_HIGH,
+            aggregation="token_mean",
+            max_completion_length=NEW_TOKENS,
+            entropy=entropy.detach(),
+        )
+        tm.now["forward+loss"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        self.opt.zero_grad()
+        loss.backward()
+        tm.now["backward"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP)
+        self.opt.step()
+        self.sched.step()
+        tm.now["clip+optimizer"] += time.perf_counter() - t0
+        tm.now["step"] = time.perf_counter() - t_step
+        return tm.take()
+
+
+class Alternate(TrainerCallback):
+    """Times each TRL step, then runs and times our steps of the same index."""
+
+    def __init__(self, ours: dict[str, Ours], trl_timer: Timer, train, seed: int):
+        self.ours, self.trl_timer, self.train, self.seed = ours, trl_timer, train, seed
+        self.rows: dict[str, list[dict[str, float]]] = {"TRL": [], **{k: [] for k in ours}}
+        self.t0 = self.t_opt = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.trl_timer.take()
+        self.t0 = time.perf_counter()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.t_opt = time.perf_counter()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trl_timer.now["optimizer"] += time.perf_counter() - self.t_opt
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step_s = time.perf_counter() - self.t0
+        row = self.trl_timer.take()
+        row["step"] = step_s
+        self.rows["TRL"].append(row)
+        k = len(self.rows["TRL"]) - 1
+        prompts = self.train[k * PROMPTS : (k + 1) * PROMPTS]
+        for name, ours in self.ours.items():
+            self.rows[name].append(ours.step(prompts, step_seed(self.seed, k)))
+        print(
+            f"step {k + 1}: "
+            + ", ".join(f"{name} {rows[-1]['step']:.3f} s" for name, rows in self.rows.items()),
+            flush=True,
+        )
+
+
+def make_trainer(folder: Path, train, reward, steps: int, seed: int, timer: Timer):
+    from trl import GRPOConfig, GRPOTrainer
+
+    by_qid = {s.qid: s for s in train}
+
+    def ndcg_at_10(completions, qid, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        reward.clear_cache()
+        return reward.score_texts(texts, [by_qid[q] for q in qid]).tolist()
+
+    dataset = Dataset.from_list([{"prompt": s.messages, "qid": s.qid} for s in train])
+    config = GRPOConfig(
+        output_dir=str(folder / "trl"),
+        max_steps=steps,
+        per_device_train_batch_size=PROMPTS * GENERATIONS,  # completions per optimizer step
+        gradient_accumulation_steps=1,
+        steps_per_generation=1,
+        num_generations=GENERATIONS,
+        max_completion_length=NEW_TOKENS,
+        generation_kwargs={"min_new_tokens": NEW_TOKENS},
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        repetition_penalty=1.0,
+        beta=0.0,
+        num_iterations=1,
+        epsilon=EPS_LOW,
+        epsilon_high=EPS_HIGH,
+        loss_type="dapo",
+        scale_rewards="group",
+        mask_truncated_completions=False,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        optim="adamw_torch",
+        max_grad_norm=GRAD_CLIP,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        model_init_kwargs={"dtype": torch.float32},
+        disable_dropout=True,
+        shuffle_dataset=False,
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        report_to="none",
+        logging_steps=10**6,
+        save_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=True,
+        log_completions=False,
+    )
+    trainer = GRPOTrainer(
+        model=str(folder / "policy"),
+        reward_funcs=ndcg_at_10,
+        args=config,
+        train_dataset=dataset,
+        processing_class=AutoTokenizer.from_pretrained(folder / "policy"),
+    )
+    # stage timers on the trainer instance (the methods its training step calls)
+    trainer._generate = timer.wrap("generate", trainer._generate)
+    trainer._calculate_rewards = timer.wrap("reward", trainer._calculate_rewards)
+    trainer._generate_and_score_completions = timer.wrap(
+        "prepare (gen+reward+adv)", trainer._generate_and_score_completions
+    )
+    trainer.compute_loss = timer.wrap("forward+loss", trainer.compute_loss)
+    trainer.accelerator.backward = timer.wrap("backward", trainer.accelerator.backward)
+    trainer.model.generate = timer.wrap("gen:model.generate", trainer.model.generate)
+    return trainer
+
+
+def summary(rows: list[dict[str, float]]) -> dict[str, float]:
+    timed = rows[SKIP:]
+    return {k: statistics.median(r.get(k, 0.0) for r in timed) for k in timed[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=8, help="steps of each implementation")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    if a.steps <= SKIP:
+        raise SystemExit(f"--steps must exceed the {SKIP} warm-up steps, got {a.steps}")
+
+    cfg = compose_cfg(["model=tiny", f"seed={a.seed}"])
+    data = build_data(cfg)
+    train = data.splits["train"][: PROMPTS * a.steps]
+    reward = build_reward(cfg.retriever, cfg.reward, data.catalog)
+    torch.manual_seed(a.seed)
+    policy = base_policy(cfg, data)
+    import trl
+
+    with tempfile.TemporaryDirectory(prefix="ospo_vs_trl_") as tmp:
+        folder = Path(tmp)
+        policy.save(folder / "policy")
+        ours = {
+            name: Ours(copy.deepcopy(policy), reward, shared=name == "shared") for name in VARIANTS
+        }
+        trl_timer = Timer()
+        trainer = make_trainer(folder, train, reward, a.steps, a.seed, trl_timer)
+        alt = Alternate(ours, trl_timer, train, a.seed)
+        trainer.add_callback(alt)
+        print(
+            f"trl {trl.__version__}, torch {torch.__version__}, threads "
+            f"{torch.get_num_threads()}; {PROMPTS} prompts x {GENERATIONS} completions x "
+            f"{NEW_TOKENS} tokens, float32, {sum(p.numel() for p in policy.parameters()):,} "
+            "params"
+        )
+        trainer.train()
+
+    med = {name: summary(rows) for name, rows in alt.rows.items()}
+    print(f"\nmedian seconds over steps {SKIP + 1}-{a.steps}")
+    print(f"{'stage':<28}" + "".join(f"{name:>9}" for name in med))
+    stages = [
+        "generate",
+        "gen:prefill+model.generate",
+        "gen:model.generate",
+        "reward",
+        "advantage",
+        "prepare (gen+reward+adv)",
+        "forward+loss",
+        "backward",
+        "clip+optimizer",
+        "optimizer",
+        "step",
+    ]
+    for stage in stages:
+        cells = [m.get(stage) for m in med.values()]
+        if any(c is not None for c in cells):
+            print(
+                f"{stage:<28}"
+                + "".join(f"{c:9.3f}" if c is not None else f"{'-':>9}" for c in cells)
+            )
+    print(
+        "ours `generate` = Policy.generate (prompt encoding, model.generate, decode + token "
+        "spans); TRL `generate` = GRPOTrainer._generate (templating, model.generate, decode); "
+        "TRL `optimizer` = optimizer.step only (its grad clip is in no stage)"
+    )
+    trl_s = med["TRL"]["step"]
+    print(
+        f"project code (Policy.generate + Policy.token_logprobs): "
+        f"ours_over_trl={med['project']['step'] / trl_s:.3f}"
+    )
+    print(f"ours_over_trl={med['shared']['step'] / trl_s:.3f}")
+
+
+if __name__ == "__main__":
+    main()
