@@ -9,7 +9,8 @@ One training step is what `RLModule.training_step` does, in the same order and w
 public functions:
 
     generate (G per prompt) -> reward -> [OSPO: segment + exact Owen attribution]
-      -> advantages -> token log-probs (+ entropy) -> clipped loss -> backward
+      -> advantages -> token log-probs (+ entropy; group_size=G, so one prompt pass per
+      request) -> clipped loss -> backward
       -> grad-norm clip -> AdamW step -> LR schedule step
 
 under the trainer's precision (bf16 autocast on CPU by default, `ospo.pipeline.autocast_for`).
@@ -141,7 +142,8 @@ def train_step(policy, opt, sched, params, method: Method, prompts, reward, rl, 
     t0 = time.perf_counter()
     args = (ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask)
     with autocast:
-        logp, entropy = policy.token_logprobs(*args, with_entropy=True)  # (N, T) x2
+        # (N, T) x2; one prompt pass per request, as RLModule.training_step
+        logp, entropy = policy.token_logprobs(*args, with_entropy=True, group_size=G)
         loss, _ = policy_loss(
             logp,
             logp.detach(),

@@ -14,26 +14,27 @@ function of the completions and each row's `qid`). Same work per step on both si
 * the same requests in the same order (TRL: `shuffle_dataset=False`); TRL with no logging,
   evaluation, saving, gradient checkpointing or progress bar.
 
-Our step is `RLModule.training_step`'s sequence of public calls (`Policy.generate`,
-`Reward.score_texts`, `ospo.advantage.GRPO`, `Policy.token_logprobs`, `ospo.loss.policy_loss`,
-backward, clip, AdamW), timed in two variants, each on its own copy of the policy:
+Our step is `RLModule.training_step`'s sequence of public calls, made as it makes them:
+`Policy.generate(..., num_generations=G)`, `Reward.score_texts`, `ospo.advantage.GRPO`,
+`Policy.token_logprobs(..., with_entropy=True, group_size=G)`, `ospo.loss.policy_loss`,
+backward, clip, AdamW. Where it does the same work differently from TRL's:
 
-* `project`: exactly those calls;
-* `shared` (this benchmark's step): the same calls, except that the G completions of a request
-  share its prompt's forward pass (`shared_prefix_generate`, `shared_prefix_logprobs` below).
-  Rows of a group carry the same prompt, and a causal LM's states over the prompt do not
-  depend on what follows, so the prompt goes through the model once per request (B rows, not
-  N = B * G) and its key/value cache is repeated G times: in float32 the same log-probs
-  (bit-identical here) and gradients (up to float summation order) and the same sampled tokens
-  for a given seed. Legitimate for the real training step, so proposed for `Policy.generate` and
-  `Policy.token_logprobs`. Needs transformers 5 (`cache=` keyword, `.cache` output).
+* one prompt pass per request: the G completions of a request share its prompt, and a causal
+  LM's states over the prompt do not depend on what follows, so `Policy.generate` prefills each
+  request's prompt once and `Policy.token_logprobs(group_size=G)` runs each prompt through the
+  backbone once (B rows, not N = B * G) and reuses its key/value cache, repeated G times, for
+  the G completions (same log-probs and gradients up to float summation order). TRL runs all
+  N prompt copies, in generation's prefill and in the loss forward;
+* output layer only on completion positions: only the (N, T) hidden states that predict
+  completion tokens go through the output layer. TRL 1.16's fused LM head keeps only the
+  labelled positions with Triton on CUDA/XPU, but elsewhere, so in this CPU run, it projects
+  every position of [prompt; completion] (N x (P + T - 1) rows) and masks afterwards.
 
 The steps alternate: `trainer.train()` runs TRL, and a callback times each TRL step
 (`on_step_begin` -> `on_step_end`: generation, reward, loss, backward, clip, optimizer) and then
-runs and times our two steps of the same index. Medians over steps 3 and later.
+runs and times our step of the same index. Medians over steps 3 and later.
 
-Last line: ``ours_over_trl=<median `shared` step / median TRL step>`` (target: at most 0.6); the
-line before it gives the `project` variant's ratio.
+Last line: ``ours_over_trl=<median our step / median TRL step>`` (target: at most 0.6).
 
     python benchmarks/vs_trl.py            # 8 steps each
     python benchmarks/vs_trl.py --steps 4  # quicker
@@ -42,7 +43,6 @@ line before it gives the `project` variant's ratio.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import tempfile
@@ -58,7 +58,6 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-from torch import Tensor  # noqa: E402
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
 import ospo.config  # noqa: E402,F401  (registers the config's resolvers)
@@ -66,13 +65,12 @@ from ospo.advantage import GRPO  # noqa: E402
 from ospo.loss import policy_loss  # noqa: E402
 from ospo.module import step_seed  # noqa: E402
 from ospo.pipeline import base_policy, build_data, build_reward  # noqa: E402
-from ospo.policy import Policy, _head_logprobs  # noqa: E402
+from ospo.policy import Policy  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PROMPTS, GENERATIONS, NEW_TOKENS = 8, 8, 32
 LR, GRAD_CLIP, EPS_LOW, EPS_HIGH = 5e-5, 1.0, 0.2, 0.28
 SKIP = 2  # steps 1-2 are warm-up; medians over steps 3 and later
-VARIANTS = ("project", "shared")
 
 
 def compose_cfg(overrides: list[str]):
@@ -81,101 +79,6 @@ def compose_cfg(overrides: list[str]):
         cfg = compose(config_name="train", overrides=overrides)
     GlobalHydra.instance().clear()
     return cfg
-
-
-# ------------------------------------------------------------- shared prompt prefix
-def _checkpointing(policy: Policy) -> bool:
-    """Gradient checkpointing drops KV caches in training mode: no prefix sharing then."""
-    return any(getattr(m, "gradient_checkpointing", False) for m in policy.backbone.modules())
-
-
-def _unique_prompts(ids: Tensor, mask: Tensor, group_size: int) -> tuple[Tensor, Tensor] | None:
-    """(B, P) prompt ids and mask when each run of `group_size` rows repeats one prompt."""
-    if group_size < 2 or ids.shape[0] % group_size or ids.shape[1] < 2:
-        return None
-    p_ids, p_mask = ids[::group_size], mask[::group_size]  # (B, P)
-    same = torch.equal(p_ids.repeat_interleave(group_size, 0), ids) and torch.equal(
-        p_mask.repeat_interleave(group_size, 0), mask
-    )
-    return (p_ids, p_mask) if same else None
-
-
-def _prompt_cache(policy: Policy, p_ids: Tensor, p_mask: Tensor, group_size: int):
-    """Backbone over the B unique prompts: (KV cache repeated to N rows, last hidden (B, P, H))."""
-    position_ids = (p_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, P)
-    out = policy.backbone(
-        input_ids=p_ids, attention_mask=p_mask, position_ids=position_ids, use_cache=True
-    )
-    out.cache.batch_repeat_interleave(group_size)  # (N, heads, P, d) per layer
-    return out.cache, out.last_hidden_state
-
-
-def shared_prefix_generate(policy: Policy, group_size: int, generate):
-    """Wrap `policy.model.generate`: prefill each unique prompt once, then sample N rows.
-
-    `Policy.generate` calls the model with (N, P) left-padded prompts, G identical rows per
-    request. The first P - 1 prompt tokens of the B unique prompts go through the backbone once;
-    their cache, repeated G times, is handed to `generate`, which then runs only the last prompt
-    token and the new tokens for all N rows.
-    """
-
-    def run(input_ids: Tensor, attention_mask: Tensor, **kwargs):
-        unique = (
-            None
-            if _checkpointing(policy)
-            else _unique_prompts(input_ids, attention_mask, group_size)
-        )
-        if unique is not None:
-            p_ids, p_mask = unique
-            kwargs["cache"], _ = _prompt_cache(policy, p_ids[:, :-1], p_mask[:, :-1], group_size)
-        return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-
-    return run
-
-
-def shared_prefix_logprobs(
-    policy: Policy,
-    prompt_ids: Tensor,
-    prompt_mask: Tensor,
-    completion_ids: Tensor,
-    completion_mask: Tensor,
-    group_size: int,
-    with_entropy: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """`Policy.token_logprobs` with one backbone pass per unique prompt (float32 head, T = 1
-    temperature, no row chunking: 64 x 32 x V logits are small here).
-
-    1. backbone over the B unique prompts (B, P) with use_cache=True; the state at the last
-       prompt position predicts completion token 0;
-    2. cache and that state repeated G times (N rows; gradients sum over the copies);
-    3. backbone over completion[:, :-1] (N, T - 1) with the cache, the attention mask of
-       [prompt; completion[:-1]] and positions continuing cumsum(mask) - 1;
-    4. output layer on the (N, T, H) states, as `Policy.token_logprobs`.
-    """
-    unique = (
-        None if _checkpointing(policy) else _unique_prompts(prompt_ids, prompt_mask, group_size)
-    )
-    if unique is None:
-        return policy.token_logprobs(
-            prompt_ids, prompt_mask, completion_ids, completion_mask, with_entropy=with_entropy
-        )
-    P = prompt_ids.shape[1]
-    cache, prompt_hidden = _prompt_cache(policy, *unique, group_size)
-    first = prompt_hidden[:, -1:].repeat_interleave(group_size, 0)  # (N, 1, H)
-    mask = torch.cat([prompt_mask, completion_mask[:, :-1]], 1)  # (N, P + T - 1)
-    position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)[:, P:]  # (N, T - 1)
-    rest = policy.backbone(
-        input_ids=completion_ids[:, :-1],
-        attention_mask=mask,
-        position_ids=position_ids,
-        cache=cache,
-        use_cache=True,
-    ).last_hidden_state  # (N, T - 1, H)
-    hidden = torch.cat([first, rest], 1)  # (N, T, H)
-    logp, entropy = _head_logprobs(policy.lm_head, hidden, completion_ids, 1.0, with_entropy)
-    valid = completion_mask.bool()  # (N, T)
-    logp = torch.where(valid, logp, 0.0)  # (N, T)
-    return (logp, torch.where(valid, entropy, 0.0)) if with_entropy else logp
 
 
 # ------------------------------------------------------------------------ timing
@@ -203,8 +106,8 @@ class Timer:
 class Ours:
     """Our GRPO step on a Policy (RLModule.training_step's order, mu = 1, beta = 0, float32)."""
 
-    def __init__(self, policy: Policy, reward, shared: bool):
-        self.policy, self.reward, self.shared = policy, reward, shared
+    def __init__(self, policy: Policy, reward):
+        self.policy, self.reward = policy, reward
         self.timer = tm = Timer()
         self.params = [p for p in policy.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=LR, weight_decay=0.0)
@@ -215,11 +118,7 @@ class Ours:
         def forced(*args, **kwargs):  # exactly NEW_TOKENS tokens, as TRL's min_new_tokens
             return generate(*args, **{**kwargs, "min_new_tokens": kwargs["max_new_tokens"]})
 
-        model_generate = tm.wrap("gen:model.generate", forced)
-        if shared:
-            model_generate = shared_prefix_generate(policy, GENERATIONS, model_generate)
-            model_generate = tm.wrap("gen:prefill+model.generate", model_generate)
-        policy.model.generate = model_generate
+        policy.model.generate = tm.wrap("gen:model.generate", forced)
         policy.train()
 
     def step(self, prompts, seed: int) -> dict[str, float]:
@@ -251,10 +150,8 @@ class Ours:
 
         t0 = time.perf_counter()
         args = (ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask)
-        if self.shared:
-            logp, entropy = shared_prefix_logprobs(self.policy, *args, G, with_entropy=True)
-        else:
-            logp, entropy = self.policy.token_logprobs(*args, with_entropy=True)  # (N, T) x2
+        # (N, T) x2; one prompt pass per request, as RLModule.training_step
+        logp, entropy = self.policy.token_logprobs(*args, with_entropy=True, group_size=G)
         loss, _ = policy_loss(
             logp,
             logp.detach(),
@@ -283,11 +180,11 @@ class Ours:
 
 
 class Alternate(TrainerCallback):
-    """Times each TRL step, then runs and times our steps of the same index."""
+    """Times each TRL step, then runs and times our step of the same index."""
 
-    def __init__(self, ours: dict[str, Ours], trl_timer: Timer, train, seed: int):
+    def __init__(self, ours: Ours, trl_timer: Timer, train, seed: int):
         self.ours, self.trl_timer, self.train, self.seed = ours, trl_timer, train, seed
-        self.rows: dict[str, list[dict[str, float]]] = {"TRL": [], **{k: [] for k in ours}}
+        self.rows: dict[str, list[dict[str, float]]] = {"TRL": [], "ours": []}
         self.t0 = self.t_opt = 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -307,8 +204,7 @@ class Alternate(TrainerCallback):
         self.rows["TRL"].append(row)
         k = len(self.rows["TRL"]) - 1
         prompts = self.train[k * PROMPTS : (k + 1) * PROMPTS]
-        for name, ours in self.ours.items():
-            self.rows[name].append(ours.step(prompts, step_seed(self.seed, k)))
+        self.rows["ours"].append(self.ours.step(prompts, step_seed(self.seed, k)))
         print(
             f"step {k + 1}: "
             + ", ".join(f"{name} {rows[-1]['step']:.3f} s" for name, rows in self.rows.items()),
@@ -413,9 +309,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ospo_vs_trl_") as tmp:
         folder = Path(tmp)
         policy.save(folder / "policy")
-        ours = {
-            name: Ours(copy.deepcopy(policy), reward, shared=name == "shared") for name in VARIANTS
-        }
+        ours = Ours(policy, reward)
         trl_timer = Timer()
         trainer = make_trainer(folder, train, reward, a.steps, a.seed, trl_timer)
         alt = Alternate(ours, trl_timer, train, a.seed)
@@ -433,7 +327,6 @@ def main() -> None:
     print(f"{'stage':<28}" + "".join(f"{name:>9}" for name in med))
     stages = [
         "generate",
-        "gen:prefill+model.generate",
         "gen:model.generate",
         "reward",
         "advantage",
@@ -452,16 +345,13 @@ def main() -> None:
                 + "".join(f"{c:9.3f}" if c is not None else f"{'-':>9}" for c in cells)
             )
     print(
-        "ours `generate` = Policy.generate (prompt encoding, model.generate, decode + token "
-        "spans); TRL `generate` = GRPOTrainer._generate (templating, model.generate, decode); "
-        "TRL `optimizer` = optimizer.step only (its grad clip is in no stage)"
+        "ours `generate` = Policy.generate (prompt encoding, one prefill per request, "
+        "model.generate, decode + token spans); TRL `generate` = GRPOTrainer._generate "
+        "(templating, model.generate, decode); TRL `optimizer` = optimizer.step only (its grad "
+        "clip is in no stage)"
     )
     trl_s = med["TRL"]["step"]
-    print(
-        f"project code (Policy.generate + Policy.token_logprobs): "
-        f"ours_over_trl={med['project']['step'] / trl_s:.3f}"
-    )
-    print(f"ours_over_trl={med['shared']['step'] / trl_s:.3f}")
+    print(f"ours_over_trl={med['ours']['step'] / trl_s:.3f}")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def test_make_messages_system_and_user():
         "shoes", "S", "Recent purchases: {history}\nRequest: {request}", history="a; b"
     )
     assert hist[1]["content"] == "Recent purchases: a; b\nRequest: shoes"
-    assert "category" in DEFAULT_SYSTEM_PROMPT and "query only" in DEFAULT_SYSTEM_PROMPT
+    assert "search query" in DEFAULT_SYSTEM_PROMPT and "one-line" in DEFAULT_SYSTEM_PROMPT
 
 
 def test_make_messages_unknown_placeholder_is_named():
