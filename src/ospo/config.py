@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -38,6 +39,8 @@ def validate(cfg: DictConfig) -> None:
         )
     if "name" in cfg.model.keys() and OmegaConf.is_missing(cfg.model, "name"):
         raise ConfigError("model.name is required for model=hf: a model name or a local folder")
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no checkpoint file there")
     if cfg.stage not in ("all", "sft", "rl"):
         raise ConfigError(f"stage={cfg.stage!r}: expected one of all, sft, rl")
     rl = cfg.rl

@@ -7,6 +7,8 @@ retriever, the training texts) are passed at that call.
 
 from __future__ import annotations
 
+import copy
+import gc
 import json
 import logging
 import os
@@ -220,7 +222,7 @@ def run_sft(cfg: DictConfig, data, reward, format_check, run_dir: Path) -> Path:
     scores = score_all(texts, val, reward, format_check, ended)
     verdict = "ok" if scores["format_ok"] >= cfg.sft.min_format_ok else "BELOW TARGET"
     print(f"warm-up: format_ok={scores['format_ok']:.3f} (target {cfg.sft.min_format_ok}, "
-          f"{verdict}) val ndcg@{reward.k}={scores.get(f'ndcg@{reward.k}', float('nan')):.4f}")
+          f"{verdict}) val ndcg@10={scores['ndcg@10']:.4f}")
     if verdict != "ok":
         log.warning("the warm-up reached format_ok=%.3f < sft.min_format_ok=%.2f; consider more "
                     "sft.steps", scores["format_ok"], cfg.sft.min_format_ok)
@@ -233,6 +235,8 @@ def run_sft(cfg: DictConfig, data, reward, format_check, run_dir: Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     write_json(run_dir / "warmup.json", {"dir": str(out), "val": scores})
+    del trainer, module, policy  # RL reloads the merged weights: free these before it starts
+    gc.collect()
     return out
 
 
@@ -273,9 +277,7 @@ def run_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         policy, init_info = base_policy(cfg, data), {"dir": None}
     init_info["model"] = OmegaConf.to_container(cfg.model, resolve=True)
     ref = None
-    if cfg.baseline.loss.beta > 0:
-        import copy
-
+    if cfg.baseline.loss.beta > 0:  # a frozen copy of the starting policy
         ref = copy.deepcopy(policy).requires_grad_(False)
 
     # The segmenter and attribution also colour the validation credit table of GRPO runs.
@@ -312,8 +314,6 @@ def _fit_and_summarise(cfg, run_dir, t_start, data, reward, format_check, policy
                        trainer, val_loader, init_info) -> dict[str, Any]:
     if cfg.ckpt_path is None:
         trainer.validate(module, val_loader, verbose=False)
-    elif not Path(cfg.ckpt_path).exists():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint")
     trainer.fit(module, train_dataloaders=step_loader(cfg.rl.steps), val_dataloaders=val_loader,
                 ckpt_path=cfg.ckpt_path)
     if not module.val_history or module.val_history[-1]["step"] != module.rollout_step:
@@ -325,7 +325,7 @@ def _fit_and_summarise(cfg, run_dir, t_start, data, reward, format_check, policy
     summary: dict[str, Any] = {"steps": module.rollout_step, "method": cfg.baseline.name,
                                "label": label, "seed": cfg.seed}
     if trainer.is_global_zero:
-        k = reward.k
+        k = 10  # the headline metric, NDCG@10, whatever the reward's own cut-off
         test = data.splits[cfg.eval.split]
         test = test[: cfg.eval.size] if cfg.eval.size else test
         with autocast_for(cfg, policy):
