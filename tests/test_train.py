@@ -115,6 +115,31 @@ def test_cli_sweep_and_wandb_offline(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "method",
+    [["attribution=owen", "segmenter=sentence"], ["attribution=shapley_mc"],
+     ["attribution=shapley"], ["baseline=grpo"], ["baseline.advantage.weighting=signed"],
+     ["reward=recall", "retriever=bm25_plus", "baseline.mu=2", "baseline.loss.beta=0.04"]],
+    ids=lambda m: ",".join(m),
+)
+def test_method_variants_run(make_cfg, tmp_path, method):
+    cfg = make_cfg(TINY + ["stage=rl", "rl.steps=2", *method])
+    summary = run_train(cfg, tmp_path / "run")
+    assert summary["steps"] == 2
+    rows = _metrics(tmp_path / "run")
+    assert len(rows) == 2 and all(r["train/loss"] == r["train/loss"] for r in rows)  # no NaN
+
+
+@pytest.mark.slow
+def test_joblib_launcher_runs_jobs_in_parallel(tmp_path):
+    over = [o for o in TINY if not o.startswith("logger")] + ["rl.steps=1", "stage=rl"]
+    _run([str(ROOT / "train.py"), "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+          "baseline=grpo,ospo", *over, "logger=csv", f"hydra.sweep.dir={tmp_path}/multi",
+          f"cache_dir={tmp_path}/cache"], cwd=tmp_path)
+    assert len(list((tmp_path / "multi").glob("*/summary.json"))) == 2
+
+
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
     over = [o for o in TINY] + ["trainer=ddp", "trainer.devices=2", "rl.steps=2", "stage=rl"]
     proc = _run([str(ROOT / "train.py"), *over, f"hydra.run.dir={tmp_path}/run",

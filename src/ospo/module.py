@@ -29,6 +29,7 @@ from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmu
 
 from ospo.credit_html import credit_table_html
 from ospo.data import Sample
+from ospo.advantage import frac_zero_std
 from ospo.loss import policy_loss
 from ospo.policy import Policy
 
@@ -260,11 +261,10 @@ class RLModule(L.LightningModule):
         lengths = ro.completion_mask.sum(1).float()
         metrics = self.reward.metrics(ro.texts, samples)
         fmt = [self.format_check(t, bool(e)) for t, e in zip(ro.texts, ro.ended, strict=True)]
-        group_r = torch.as_tensor(np.asarray(rewards)).view(-1, G)
         log = {
             "train/reward_mean": float(np.mean(rewards)),
             "train/reward_std": float(np.std(rewards)),
-            "train/frac_reward_zero_std": float((group_r.std(1) == 0).float().mean()),
+            "train/frac_reward_zero_std": frac_zero_std(rewards, G),
             "train/loss": float(loss.detach()),
             "train/completion_length": float(lengths.mean()),
             "train/format_ok": float(np.mean(fmt)),
@@ -278,6 +278,8 @@ class RLModule(L.LightningModule):
         }
         log.update({f"train/{k}": float(np.mean(v)) for k, v in metrics.items()})
         log.update({f"train/{k}": v for k, v in loss_metrics.items()})
+        log.update({f"advantage/{k}": float(v) for k, v in self.advantage.last_stats.items()
+                    if k not in ("frac_reward_zero_std", "reward_mean", "reward_std")})
         self.log_dict(log, on_step=True, batch_size=len(samples))
         self.log("reward", log["train/reward_mean"], prog_bar=True, logger=False)
         self.rollout_step += 1
