@@ -1,8 +1,8 @@
 """Score a trained policy on the test split with the training and held-out retrievers.
 
-    python eval.py ckpt_path=outputs/train/<run>/checkpoints/last.ckpt
-    python eval.py                       # no checkpoint: the zero-shot policy
-    python eval.py eval.do_sample=true eval.retrievers=[bm25,dense]
+python eval.py ckpt_path=outputs/train/<run>/checkpoints/last.ckpt
+python eval.py                       # no checkpoint: the zero-shot policy
+python eval.py eval.do_sample=true eval.retrievers=[bm25,dense]
 """
 
 import os

@@ -48,7 +48,11 @@ def make_cfg(tmp_path):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = compose(
                 config_name=name,
-                overrides=[*overrides, f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'cache'}"],
+                overrides=[
+                    *overrides,
+                    f"hydra.run.dir={run_dir}",
+                    f"cache_dir={tmp_path / 'cache'}",
+                ],
                 return_hydra_config=True,
             )
         with open_dict(cfg):

@@ -11,8 +11,22 @@ from ospo.data.shop import ShopData
 
 from .conftest import CONF
 
-GROUPS = ["data", "model", "retriever", "reward", "segmenter", "attribution", "baseline",
-          "trainer", "logger", "callbacks", "format", "variant", "experiment", "hparams_search"]
+GROUPS = [
+    "data",
+    "model",
+    "retriever",
+    "reward",
+    "segmenter",
+    "attribution",
+    "baseline",
+    "trainer",
+    "logger",
+    "callbacks",
+    "format",
+    "variant",
+    "experiment",
+    "hparams_search",
+]
 
 
 def options(group):

@@ -313,8 +313,9 @@ def test_shared_prompt_pass_matches_plain_pass_and_grads(tiny, eos_boost):
     # rows that do not repeat their prompt fall back to the plain pass
     swapped = [x[[0, G] + list(range(1, G)) + list(range(G + 1, len(x)))] for x in args]
     lp_s = tiny.token_logprobs(*swapped, group_size=G)
-    assert torch.allclose(lp_s, lp1[[0, G] + list(range(1, G)) + list(range(G + 1, len(lp1)))],
-                          atol=1e-5)
+    assert torch.allclose(
+        lp_s, lp1[[0, G] + list(range(1, G)) + list(range(G + 1, len(lp1)))], atol=1e-5
+    )
 
 
 def test_shared_prefill_generation_matches_plain(tiny, monkeypatch):

@@ -50,8 +50,11 @@ def test_tiny_run_end_to_end(make_cfg, tmp_path):
     assert not (tmp_path / "run2" / "warmup.json").exists()
 
     # eval.py on the checkpoint: results.json and results.md, BM25 variants side by side.
-    ecfg = make_cfg(TINY + [f"ckpt_path={last}", "eval.retrievers=[bm25,bm25_plus]"],
-                    name="eval", run_dir=tmp_path / "eval")
+    ecfg = make_cfg(
+        TINY + [f"ckpt_path={last}", "eval.retrievers=[bm25,bm25_plus]"],
+        name="eval",
+        run_dir=tmp_path / "eval",
+    )
     results = run_eval(ecfg, tmp_path / "eval", CONF)
     assert set(results["retrievers"]) == {"bm25", "bm25_plus"}
     assert (tmp_path / "eval" / "results.md").read_text().count("|") > 8
@@ -97,8 +100,9 @@ def test_missing_checkpoint_is_named(make_cfg, tmp_path):
 
 def _run(args, cwd, timeout=900):
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -107,8 +111,18 @@ def _run(args, cwd, timeout=900):
 def test_cli_sweep_and_wandb_offline(tmp_path):
     """`python train.py -m baseline=grpo,ospo seed=0,1`: four jobs, each with its own run."""
     over = [o for o in TINY if not o.startswith("logger")] + ["rl.steps=2", "rl.val_every=2"]
-    _run([str(ROOT / "train.py"), "-m", "baseline=grpo,ospo", "seed=0,1", *over,
-          f"hydra.sweep.dir={tmp_path}/multi", f"cache_dir={tmp_path}/cache"], cwd=tmp_path)
+    _run(
+        [
+            str(ROOT / "train.py"),
+            "-m",
+            "baseline=grpo,ospo",
+            "seed=0,1",
+            *over,
+            f"hydra.sweep.dir={tmp_path}/multi",
+            f"cache_dir={tmp_path}/cache",
+        ],
+        cwd=tmp_path,
+    )
     summaries = sorted((tmp_path / "multi").glob("*/summary.json"))
     assert len(summaries) == 4
     assert len(list((tmp_path / "multi").glob("*/wandb/offline-run-*"))) == 4
@@ -117,9 +131,14 @@ def test_cli_sweep_and_wandb_offline(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "method",
-    [["attribution=owen", "segmenter=sentence"], ["attribution=shapley_mc"],
-     ["attribution=shapley"], ["baseline=grpo"], ["baseline.advantage.weighting=signed"],
-     ["reward=recall", "retriever=bm25_plus", "baseline.mu=2", "baseline.loss.beta=0.04"]],
+    [
+        ["attribution=owen", "segmenter=sentence"],
+        ["attribution=shapley_mc"],
+        ["attribution=shapley"],
+        ["baseline=grpo"],
+        ["baseline.advantage.weighting=signed"],
+        ["reward=recall", "retriever=bm25_plus", "baseline.mu=2", "baseline.loss.beta=0.04"],
+    ],
     ids=lambda m: ",".join(m),
 )
 def test_method_variants_run(make_cfg, tmp_path, method):
@@ -133,16 +152,59 @@ def test_method_variants_run(make_cfg, tmp_path, method):
 @pytest.mark.slow
 def test_joblib_launcher_runs_jobs_in_parallel(tmp_path):
     over = [o for o in TINY if not o.startswith("logger")] + ["rl.steps=1", "stage=rl"]
-    _run([str(ROOT / "train.py"), "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-          "baseline=grpo,ospo", *over, "logger=csv", f"hydra.sweep.dir={tmp_path}/multi",
-          f"cache_dir={tmp_path}/cache"], cwd=tmp_path)
+    _run(
+        [
+            str(ROOT / "train.py"),
+            "-m",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            "baseline=grpo,ospo",
+            *over,
+            "logger=csv",
+            f"hydra.sweep.dir={tmp_path}/multi",
+            f"cache_dir={tmp_path}/cache",
+        ],
+        cwd=tmp_path,
+    )
     assert len(list((tmp_path / "multi").glob("*/summary.json"))) == 2
+
+
+@pytest.mark.slow
+def test_smollm2_rl_step_end_to_end(make_cfg, tmp_path):
+    """The real policy (converted from the PyPI GGUF) through one RL step and validation."""
+    cfg = make_cfg(
+        [
+            "stage=rl",
+            "logger=csv",
+            "data.num_products=600",
+            "rl.steps=1",
+            "rl.prompts_per_step=2",
+            "rl.num_generations=2",
+            "rl.max_new_tokens=12",
+            "rl.val_size=2",
+            "rl.log_samples=1",
+            "eval.size=2",
+            "eval.batch_size=2",
+        ]
+    )
+    summary = run_train(cfg, tmp_path / "run")
+    assert summary["steps"] == 1
+    rows = _metrics(tmp_path / "run")
+    assert len(rows) == 1 and rows[0]["train/completion_length"] > 0
+    assert list((tmp_path / "run" / "samples").glob("credit_step*.html"))
 
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
     over = [o for o in TINY] + ["trainer=ddp", "trainer.devices=2", "rl.steps=2", "stage=rl"]
-    proc = _run([str(ROOT / "train.py"), *over, f"hydra.run.dir={tmp_path}/run",
-                 f"cache_dir={tmp_path}/cache"], cwd=tmp_path)
+    proc = _run(
+        [
+            str(ROOT / "train.py"),
+            *over,
+            f"hydra.run.dir={tmp_path}/run",
+            f"cache_dir={tmp_path}/cache",
+        ],
+        cwd=tmp_path,
+    )
     assert "MEMBER: 2/2" in proc.stdout + proc.stderr  # the second process joined
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2

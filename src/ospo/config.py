@@ -77,7 +77,11 @@ def _check_attribution_budget(cfg: DictConfig) -> None:
 def config_hash(*nodes) -> str:
     """A short stable hash of resolved config nodes (names the warm-up cache entry)."""
     blob = json.dumps(
-        [OmegaConf.to_container(n, resolve=True) if isinstance(n, DictConfig) else n for n in nodes],
-        sort_keys=True, default=str,
+        [
+            OmegaConf.to_container(n, resolve=True) if isinstance(n, DictConfig) else n
+            for n in nodes
+        ],
+        sort_keys=True,
+        default=str,
     )
     return hashlib.sha1(blob.encode()).hexdigest()[:12]

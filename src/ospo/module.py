@@ -27,9 +27,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
+from ospo.advantage import frac_zero_std
 from ospo.credit_html import credit_table_html
 from ospo.data import Sample
-from ospo.advantage import frac_zero_std
 from ospo.loss import policy_loss
 from ospo.policy import Policy
 
@@ -168,8 +168,11 @@ class RLModule(L.LightningModule):
     # ----------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
         self._schedule = PromptSchedule(
-            self.train_samples, self.rl["prompts_per_step"], self.seed,
-            rank=self.global_rank, world=self.trainer.world_size if self._trainer else 1,
+            self.train_samples,
+            self.rl["prompts_per_step"],
+            self.seed,
+            rank=self.global_rank,
+            world=self.trainer.world_size if self._trainer else 1,
         )
         if self.ref_policy is not None:
             self.ref_policy.requires_grad_(False).eval()
@@ -182,8 +185,10 @@ class RLModule(L.LightningModule):
         opt = torch.optim.AdamW(params, lr=self.rl["lr"], weight_decay=self.rl["weight_decay"])
         total = max(1, self.rl["steps"] * self.baseline["mu"])
         sched = get_cosine_with_min_lr_schedule_with_warmup(
-            opt, num_warmup_steps=self.rl["warmup_steps"] * self.baseline["mu"],
-            num_training_steps=total, min_lr_rate=self.rl["min_lr_ratio"],
+            opt,
+            num_warmup_steps=self.rl["warmup_steps"] * self.baseline["mu"],
+            num_training_steps=total,
+            min_lr_rate=self.rl["min_lr_ratio"],
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -201,9 +206,12 @@ class RLModule(L.LightningModule):
         torch.manual_seed(step_seed(self.seed, self.rollout_step, self.global_rank))
         t0 = time.perf_counter()
         ro = self.policy.generate(
-            [s.messages for s in prompts], num_generations=G,
-            max_new_tokens=rl["max_new_tokens"], temperature=rl["temperature"],
-            top_p=rl["top_p"], do_sample=True,
+            [s.messages for s in prompts],
+            num_generations=G,
+            max_new_tokens=rl["max_new_tokens"],
+            temperature=rl["temperature"],
+            top_p=rl["top_p"],
+            do_sample=True,
         )
         t_gen = time.perf_counter() - t0
         mask = ro.completion_mask.float()  # (N, T)
@@ -217,7 +225,11 @@ class RLModule(L.LightningModule):
         credit = CreditStats()
         if self.baseline["credit"]:
             segs, phis, credit = compute_credit(
-                ro.texts, samples, self.segmenter, self.attribution, self.reward,
+                ro.texts,
+                samples,
+                self.segmenter,
+                self.attribution,
+                self.reward,
                 self.baseline["keep_query"],
             )
             extra = {"token_spans": ro.token_spans, "segmentations": segs, "phis": phis}
@@ -242,16 +254,23 @@ class RLModule(L.LightningModule):
         for _ in range(self.baseline["mu"]):
             logp, entropy = self.policy.token_logprobs(*args, with_entropy=True, **shared)  # (N, T)
             loss, loss_metrics = policy_loss(
-                logp, logp.detach() if old_logp is None else old_logp, adv, mask,
+                logp,
+                logp.detach() if old_logp is None else old_logp,
+                adv,
+                mask,
                 eps_low=self.baseline["loss"]["eps_low"],
-                eps_high=self.baseline["loss"]["eps_high"], beta=beta, ref_logp=ref_logp,
+                eps_high=self.baseline["loss"]["eps_high"],
+                beta=beta,
+                ref_logp=ref_logp,
                 aggregation=self.baseline["loss"]["aggregation"],
-                max_completion_length=rl["max_new_tokens"], entropy=entropy.detach(),
+                max_completion_length=rl["max_new_tokens"],
+                entropy=entropy.detach(),
             )
             opt.zero_grad()
             self.manual_backward(loss)
-            self.clip_gradients(opt, gradient_clip_val=rl["grad_clip"],
-                                gradient_clip_algorithm="norm")
+            self.clip_gradients(
+                opt, gradient_clip_val=rl["grad_clip"], gradient_clip_algorithm="norm"
+            )
             opt.step()
             sched.step()
         t_update = time.perf_counter() - t0
@@ -274,12 +293,19 @@ class RLModule(L.LightningModule):
             "time/update_s": t_update,
             "time/attribution_share": credit.seconds / max(step_s, 1e-9),
             "credit/coalitions": float(credit.coalitions),
-            "credit/segments_per_completion": float(np.mean(credit.segments)) if credit.segments else 0.0,
+            "credit/segments_per_completion": float(np.mean(credit.segments))
+            if credit.segments
+            else 0.0,
         }
         log.update({f"train/{k}": float(np.mean(v)) for k, v in metrics.items()})
         log.update({f"train/{k}": v for k, v in loss_metrics.items()})
-        log.update({f"advantage/{k}": float(v) for k, v in self.advantage.last_stats.items()
-                    if k not in ("frac_reward_zero_std", "reward_mean", "reward_std")})
+        log.update(
+            {
+                f"advantage/{k}": float(v)
+                for k, v in self.advantage.last_stats.items()
+                if k not in ("frac_reward_zero_std", "reward_mean", "reward_std")
+            }
+        )
         self.log_dict(log, on_step=True, batch_size=len(samples))
         self.log("reward", log["train/reward_mean"], prog_bar=True, logger=False)
         self.rollout_step += 1
@@ -291,8 +317,10 @@ class RLModule(L.LightningModule):
 
     def validation_step(self, batch: list[Sample], batch_idx: int):
         ro = self.policy.generate(
-            [s.messages for s in batch], num_generations=1,
-            max_new_tokens=self.rl["max_new_tokens"], do_sample=False,
+            [s.messages for s in batch],
+            num_generations=1,
+            max_new_tokens=self.rl["max_new_tokens"],
+            do_sample=False,
         )
         metrics = self.reward.metrics(ro.texts, batch)
         ended = [bool(e) for e in ro.ended]
@@ -321,12 +349,20 @@ class RLModule(L.LightningModule):
         texts = [r["text"] for r in rows]
         samples = [r["sample"] for r in rows]
         segs, phis, _ = compute_credit(
-            texts, samples, self.segmenter, self.attribution, self.reward,
+            texts,
+            samples,
+            self.segmenter,
+            self.attribution,
+            self.reward,
             self.baseline["keep_query"],
         )
         html = credit_table_html(
-            [s.request for s in samples], texts, segs, phis,
-            [r["metrics"] for r in rows], title=f"rollout step {self.rollout_step}",
+            [s.request for s in samples],
+            texts,
+            segs,
+            phis,
+            [r["metrics"] for r in rows],
+            title=f"rollout step {self.rollout_step}",
         )
         if self.samples_dir is not None and self.global_rank == 0:
             self.samples_dir.mkdir(parents=True, exist_ok=True)
@@ -379,7 +415,8 @@ class SFTModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
         out = self.policy.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
             labels=batch["labels"],
         )
         self.log("sft/loss", out.loss, prog_bar=True, on_step=True, batch_size=len(batch["labels"]))
@@ -389,7 +426,9 @@ class SFTModule(L.LightningModule):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.sft["lr"], weight_decay=self.sft["weight_decay"])
         sched = get_cosine_with_min_lr_schedule_with_warmup(
-            opt, num_warmup_steps=self.sft["warmup_steps"], num_training_steps=self.max_steps,
+            opt,
+            num_warmup_steps=self.sft["warmup_steps"],
+            num_training_steps=self.max_steps,
             min_lr_rate=0.1,
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -37,9 +37,14 @@ log = logging.getLogger("ospo")
 
 # Lightning notes that do not apply here: checkpoints are meant to hold the post-update state,
 # and the policy's dropout is disabled, so train/eval mode is immaterial.
-for _msg in ("Using ModelCheckpoint with manual optimization", r"Found \d+ module\(s\) in eval mode",
-             ".*LeafSpec.* is deprecated", "The number of training batches"):
+for _msg in (
+    "Using ModelCheckpoint with manual optimization",
+    r"Found \d+ module\(s\) in eval mode",
+    ".*LeafSpec.* is deprecated",
+    "The number of training batches",
+):
     warnings.filterwarnings("ignore", message=_msg)
+
 
 # ------------------------------------------------------------------ small utilities
 def write_json(path: Path, obj: Any) -> None:
@@ -59,8 +64,13 @@ def build_data(cfg: DictConfig):
     t0 = time.perf_counter()
     data = instantiate(cfg.data)
     sizes = {k: len(v) for k, v in data.splits.items()}
-    log.info("data %s: %d products, splits %s (%.1f s)", data.name, len(data.catalog), sizes,
-             time.perf_counter() - t0)
+    log.info(
+        "data %s: %d products, splits %s (%.1f s)",
+        data.name,
+        len(data.catalog),
+        sizes,
+        time.perf_counter() - t0,
+    )
     return data
 
 
@@ -84,7 +94,8 @@ def base_policy(cfg: DictConfig, data) -> Policy:
 def warm_policy(cfg: DictConfig, path: Path) -> Policy:
     """The warm-up checkpoint (merged weights) with fresh LoRA adapters if configured."""
     return load_hf(
-        str(path), dtype=cfg.model.get("dtype", "float32"),
+        str(path),
+        dtype=cfg.model.get("dtype", "float32"),
         lora=OmegaConf.to_container(cfg.model.lora) if cfg.model.get("lora") else None,
         gradient_checkpointing=bool(cfg.model.get("gradient_checkpointing", False)),
     )
@@ -138,15 +149,26 @@ def autocast_for(cfg: DictConfig, policy: Policy):
 
 
 @torch.no_grad()
-def generate_all(policy: Policy, samples: Sequence[Sample], batch_size: int, max_new_tokens: int,
-                 do_sample: bool = False, temperature: float = 1.0, desc: str = "generate"):
+def generate_all(
+    policy: Policy,
+    samples: Sequence[Sample],
+    batch_size: int,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    desc: str = "generate",
+):
     """One completion per request, batched. Returns texts and whether each ended on EOS."""
     texts, ended = [], []
     for i in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
         batch = samples[i : i + batch_size]
-        ro = policy.generate([s.messages for s in batch], num_generations=1,
-                             max_new_tokens=max_new_tokens, do_sample=do_sample,
-                             temperature=temperature)
+        ro = policy.generate(
+            [s.messages for s in batch],
+            num_generations=1,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+        )
         texts += ro.texts
         ended += [bool(e) for e in ro.ended]
     return texts, ended
@@ -156,7 +178,9 @@ def score_all(texts, samples, reward, format_check, ended) -> dict[str, float]:
     """Mean ranking metrics and format_ok rate of one completion per request."""
     metrics = reward.metrics(texts, samples)
     out = {k: float(np.mean(v)) for k, v in metrics.items()}
-    out["format_ok"] = float(np.mean([format_check(t, e) for t, e in zip(texts, ended, strict=True)]))
+    out["format_ok"] = float(
+        np.mean([format_check(t, e) for t, e in zip(texts, ended, strict=True)])
+    )
     return out
 
 
@@ -204,12 +228,21 @@ def run_sft(cfg: DictConfig, data, reward, format_check, run_dir: Path) -> Path:
     policy = base_policy(cfg, data)
     module = SFTModule(policy, OmegaConf.to_container(cfg.sft), max_steps=cfg.sft.steps)
     loader = DataLoader(
-        demos, batch_size=cfg.sft.batch_size, shuffle=True, collate_fn=SFTCollator(policy, cfg.sft.max_length),
+        demos,
+        batch_size=cfg.sft.batch_size,
+        shuffle=True,
+        collate_fn=SFTCollator(policy, cfg.sft.max_length),
         generator=torch.Generator().manual_seed(cfg.seed),
     )
     trainer = make_trainer(
-        cfg, run_dir / "sft", single=True, max_steps=cfg.sft.steps, max_epochs=-1,
-        logger=False, enable_checkpointing=False, limit_val_batches=0,
+        cfg,
+        run_dir / "sft",
+        single=True,
+        max_steps=cfg.sft.steps,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
         callbacks=[TQDMProgressBar(refresh_rate=1)],
     )
     log.info("warm-up: %d steps of %d demonstrations", cfg.sft.steps, cfg.sft.batch_size)
@@ -217,21 +250,31 @@ def run_sft(cfg: DictConfig, data, reward, format_check, run_dir: Path) -> Path:
 
     val = data.splits["val"][: cfg.rl.val_size] if cfg.rl.val_size else data.splits["val"]
     with autocast_for(cfg, policy):
-        texts, ended = generate_all(policy, val, cfg.eval.batch_size, cfg.rl.max_new_tokens,
-                                    desc="warm-up check")
+        texts, ended = generate_all(
+            policy, val, cfg.eval.batch_size, cfg.rl.max_new_tokens, desc="warm-up check"
+        )
     scores = score_all(texts, val, reward, format_check, ended)
     verdict = "ok" if scores["format_ok"] >= cfg.sft.min_format_ok else "BELOW TARGET"
-    print(f"warm-up: format_ok={scores['format_ok']:.3f} (target {cfg.sft.min_format_ok}, "
-          f"{verdict}) val ndcg@10={scores['ndcg@10']:.4f}")
+    print(
+        f"warm-up: format_ok={scores['format_ok']:.3f} (target {cfg.sft.min_format_ok}, "
+        f"{verdict}) val ndcg@10={scores['ndcg@10']:.4f}"
+    )
     if verdict != "ok":
-        log.warning("the warm-up reached format_ok=%.3f < sft.min_format_ok=%.2f; consider more "
-                    "sft.steps", scores["format_ok"], cfg.sft.min_format_ok)
+        log.warning(
+            "the warm-up reached format_ok=%.3f < sft.min_format_ok=%.2f; consider more sft.steps",
+            scores["format_ok"],
+            cfg.sft.min_format_ok,
+        )
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save(tmp)
-    write_json(tmp / "warmup.json", {
-        "val": scores, "config": OmegaConf.to_container(cfg, resolve=True),
-    })
+    write_json(
+        tmp / "warmup.json",
+        {
+            "val": scores,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        },
+    )
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     write_json(run_dir / "warmup.json", {"dir": str(out), "val": scores})
@@ -282,23 +325,46 @@ def run_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     # The segmenter and attribution also colour the validation credit table of GRPO runs.
     module = RLModule(
-        policy, data.splits["train"], reward, instantiate(cfg.baseline.advantage), format_check,
+        policy,
+        data.splits["train"],
+        reward,
+        instantiate(cfg.baseline.advantage),
+        format_check,
         rl=OmegaConf.to_container(cfg.rl, resolve=True),
-        baseline=OmegaConf.to_container(cfg.baseline, resolve=True), seed=cfg.seed,
-        segmenter=instantiate(cfg.segmenter), attribution=instantiate(cfg.attribution),
+        baseline=OmegaConf.to_container(cfg.baseline, resolve=True),
+        seed=cfg.seed,
+        segmenter=instantiate(cfg.segmenter),
+        attribution=instantiate(cfg.attribution),
         ref_policy=ref,
-        samples_dir=run_dir / "samples", init=init_info,
+        samples_dir=run_dir / "samples",
+        init=init_info,
     )
     val = data.splits["val"][: cfg.rl.val_size] if cfg.rl.val_size else data.splits["val"]
     val_loader = sample_loader(val, cfg.eval.batch_size)
     loggers = _loggers(cfg)
     trainer = make_trainer(
-        cfg, run_dir, max_steps=cfg.rl.steps * cfg.baseline.mu, max_epochs=-1,
-        val_check_interval=cfg.rl.val_every, logger=loggers, callbacks=_callbacks(cfg),
+        cfg,
+        run_dir,
+        max_steps=cfg.rl.steps * cfg.baseline.mu,
+        max_epochs=-1,
+        val_check_interval=cfg.rl.val_every,
+        logger=loggers,
+        callbacks=_callbacks(cfg),
     )
     try:
-        return _fit_and_summarise(cfg, run_dir, t_start, data, reward, format_check, policy,
-                                  module, trainer, val_loader, init_info)
+        return _fit_and_summarise(
+            cfg,
+            run_dir,
+            t_start,
+            data,
+            reward,
+            format_check,
+            policy,
+            module,
+            trainer,
+            val_loader,
+            init_info,
+        )
     finally:
         _finish_loggers(loggers)
 
@@ -310,47 +376,75 @@ def _finish_loggers(loggers) -> None:
             logger.experiment.finish()
 
 
-def _fit_and_summarise(cfg, run_dir, t_start, data, reward, format_check, policy, module,
-                       trainer, val_loader, init_info) -> dict[str, Any]:
+def _fit_and_summarise(
+    cfg,
+    run_dir,
+    t_start,
+    data,
+    reward,
+    format_check,
+    policy,
+    module,
+    trainer,
+    val_loader,
+    init_info,
+) -> dict[str, Any]:
     if cfg.ckpt_path is None:
         trainer.validate(module, val_loader, verbose=False)
-    trainer.fit(module, train_dataloaders=step_loader(cfg.rl.steps), val_dataloaders=val_loader,
-                ckpt_path=cfg.ckpt_path)
+    trainer.fit(
+        module,
+        train_dataloaders=step_loader(cfg.rl.steps),
+        val_dataloaders=val_loader,
+        ckpt_path=cfg.ckpt_path,
+    )
     if not module.val_history or module.val_history[-1]["step"] != module.rollout_step:
         trainer.validate(module, val_loader, verbose=False)
 
     label = cfg.baseline.name
     if cfg.baseline.credit:
         label += f"-{_choice('attribution')}-{_choice('segmenter')}"
-    summary: dict[str, Any] = {"steps": module.rollout_step, "method": cfg.baseline.name,
-                               "label": label, "seed": cfg.seed}
+    summary: dict[str, Any] = {
+        "steps": module.rollout_step,
+        "method": cfg.baseline.name,
+        "label": label,
+        "seed": cfg.seed,
+    }
     if trainer.is_global_zero:
         k = 10  # the headline metric, NDCG@10, whatever the reward's own cut-off
         test = data.splits[cfg.eval.split]
         test = test[: cfg.eval.size] if cfg.eval.size else test
         with autocast_for(cfg, policy):
-            texts, ended = generate_all(policy, test, cfg.eval.batch_size,
-                                        cfg.rl.max_new_tokens, desc=f"{cfg.eval.split} scores")
+            texts, ended = generate_all(
+                policy,
+                test,
+                cfg.eval.batch_size,
+                cfg.rl.max_new_tokens,
+                desc=f"{cfg.eval.split} scores",
+            )
         scores = {"train": score_all(texts, test, reward, format_check, ended)}
         for name in cfg.eval.retrievers:
             other = build_reward(_retriever_cfg(name), cfg.reward, data.catalog)
             scores[name] = score_all(texts, test, other, format_check, ended)
         hist = module.val_history
-        summary.update({
-            f"val_ndcg@{k}_start": hist[0][f"val/ndcg@{k}"],
-            f"val_ndcg@{k}_end": hist[-1][f"val/ndcg@{k}"],
-            "val_history": hist,
-            "wall_s": time.perf_counter() - t_start,
-            "rl_wall_s": module.wall_seconds(),
-            **{f"{cfg.eval.split}_{m}": v for m, v in scores["train"].items()},
-            cfg.eval.split: scores,
-            "warmup_dir": init_info["dir"],
-            "last_ckpt": str(run_dir / "checkpoints" / "last.ckpt"),
-        })
+        summary.update(
+            {
+                f"val_ndcg@{k}_start": hist[0][f"val/ndcg@{k}"],
+                f"val_ndcg@{k}_end": hist[-1][f"val/ndcg@{k}"],
+                "val_history": hist,
+                "wall_s": time.perf_counter() - t_start,
+                "rl_wall_s": module.wall_seconds(),
+                **{f"{cfg.eval.split}_{m}": v for m, v in scores["train"].items()},
+                cfg.eval.split: scores,
+                "warmup_dir": init_info["dir"],
+                "last_ckpt": str(run_dir / "checkpoints" / "last.ckpt"),
+            }
+        )
         write_json(run_dir / "summary.json", summary)
-        print(f"val ndcg@{k}: {summary[f'val_ndcg@{k}_start']:.4f} -> "
-              f"{summary[f'val_ndcg@{k}_end']:.4f}  |  {cfg.eval.split} ndcg@{k}: "
-              f"{scores['train'][f'ndcg@{k}']:.4f}  |  {summary['wall_s']:.0f} s  |  {run_dir}")
+        print(
+            f"val ndcg@{k}: {summary[f'val_ndcg@{k}_start']:.4f} -> "
+            f"{summary[f'val_ndcg@{k}_end']:.4f}  |  {cfg.eval.split} ndcg@{k}: "
+            f"{scores['train'][f'ndcg@{k}']:.4f}  |  {summary['wall_s']:.0f} s  |  {run_dir}"
+        )
     return summary
 
 
@@ -368,12 +462,17 @@ def load_checkpoint_policy(cfg: DictConfig, ckpt_path: str | Path, data) -> Poli
         policy = warm_policy(run_cfg, Path(init["dir"]))
     else:
         policy = base_policy(run_cfg, data)
-    state = {k.removeprefix("policy."): v for k, v in ckpt["state_dict"].items()
-             if k.startswith("policy.")}
+    state = {
+        k.removeprefix("policy."): v
+        for k, v in ckpt["state_dict"].items()
+        if k.startswith("policy.")
+    }
     missing = set(state) - set(policy.state_dict())
     if missing:
-        raise ValueError(f"{ckpt_path}: {len(missing)} weights do not fit the policy "
-                         f"(first: {sorted(missing)[0]}); was it trained with another model?")
+        raise ValueError(
+            f"{ckpt_path}: {len(missing)} weights do not fit the policy "
+            f"(first: {sorted(missing)[0]}); was it trained with another model?"
+        )
     policy.load_state_dict(state, strict=False)
     return policy
 
@@ -393,21 +492,31 @@ def run_eval(cfg: DictConfig, run_dir: Path, conf_dir: Path) -> dict[str, Any]:
     samples = samples[: cfg.eval.size] if cfg.eval.size else samples
     with autocast_for(cfg, policy):
         texts, ended = generate_all(
-            policy, samples, cfg.eval.batch_size, cfg.rl.max_new_tokens,
-            do_sample=cfg.eval.do_sample, temperature=cfg.eval.temperature,
+            policy,
+            samples,
+            cfg.eval.batch_size,
+            cfg.rl.max_new_tokens,
+            do_sample=cfg.eval.do_sample,
+            temperature=cfg.eval.temperature,
             desc=f"{cfg.eval.split} expansions",
         )
     format_check = instantiate(cfg.format)
-    results: dict[str, Any] = {"ckpt_path": cfg.ckpt_path, "split": cfg.eval.split,
-                               "n": len(samples), "retrievers": {}}
+    results: dict[str, Any] = {
+        "ckpt_path": cfg.ckpt_path,
+        "split": cfg.eval.split,
+        "n": len(samples),
+        "retrievers": {},
+    }
     for name in cfg.eval.retrievers:
         reward = build_reward(_retriever_cfg(name, conf_dir), cfg.reward, data.catalog)
         results["retrievers"][name] = score_all(texts, samples, reward, format_check, ended)
     write_json(run_dir / "results.json", results)
-    (run_dir / "expansions.jsonl").write_text("".join(
-        json.dumps({"qid": s.qid, "request": s.request, "expansion": t}) + "\n"
-        for s, t in zip(samples, texts, strict=True)
-    ))
+    (run_dir / "expansions.jsonl").write_text(
+        "".join(
+            json.dumps({"qid": s.qid, "request": s.request, "expansion": t}) + "\n"
+            for s, t in zip(samples, texts, strict=True)
+        )
+    )
     table = results_markdown(results)
     (run_dir / "results.md").write_text(table)
     print(table)

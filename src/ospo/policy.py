@@ -390,8 +390,11 @@ class Policy(torch.nn.Module):
             hidden = first
             if T > 1:
                 rest = self.backbone(
-                    input_ids=completion_ids[:, :-1], attention_mask=mask,
-                    position_ids=position_ids, cache=cache, use_cache=True,
+                    input_ids=completion_ids[:, :-1],
+                    attention_mask=mask,
+                    position_ids=position_ids,
+                    cache=cache,
+                    use_cache=True,
                 ).last_hidden_state  # (N, T - 1, H)
                 hidden = torch.cat([first, rest], 1)  # (N, T, H)
         targets = completion_ids.to(dev)  # (N, T)
