@@ -352,19 +352,63 @@ def run_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         callbacks=_callbacks(cfg),
     )
     try:
-        return _fit_and_summarise(
-            cfg,
-            run_dir,
-            t_start,
-            data,
-            reward,
-            format_check,
-            policy,
+        if cfg.ckpt_path is None:
+            trainer.validate(module, val_loader, verbose=False)
+        trainer.fit(
             module,
-            trainer,
-            val_loader,
-            init_info,
+            train_dataloaders=step_loader(cfg.rl.steps),
+            val_dataloaders=val_loader,
+            ckpt_path=cfg.ckpt_path,
         )
+        if not module.val_history or module.val_history[-1]["step"] != module.rollout_step:
+            trainer.validate(module, val_loader, verbose=False)
+
+        label = cfg.baseline.name
+        if cfg.baseline.credit:
+            label += f"-{_choice('attribution')}-{_choice('segmenter')}"
+        summary: dict[str, Any] = {
+            "steps": module.rollout_step,
+            "method": cfg.baseline.name,
+            "label": label,
+            "seed": cfg.seed,
+        }
+        if trainer.is_global_zero:
+            k = 10  # the headline metric, NDCG@10, whatever the reward's own cut-off
+            test = data.splits[cfg.eval.split]
+            test = test[: cfg.eval.size] if cfg.eval.size else test
+            with autocast_for(cfg, policy):
+                texts, ended = generate_all(
+                    policy,
+                    test,
+                    cfg.eval.batch_size,
+                    cfg.rl.max_new_tokens,
+                    desc=f"{cfg.eval.split} scores",
+                )
+            scores = {"train": score_all(texts, test, reward, format_check, ended)}
+            for name in cfg.eval.retrievers:
+                other = build_reward(_retriever_cfg(name), cfg.reward, data.catalog)
+                scores[name] = score_all(texts, test, other, format_check, ended)
+            hist = module.val_history
+            summary.update(
+                {
+                    f"val_ndcg@{k}_start": hist[0][f"val/ndcg@{k}"],
+                    f"val_ndcg@{k}_end": hist[-1][f"val/ndcg@{k}"],
+                    "val_history": hist,
+                    "wall_s": time.perf_counter() - t_start,
+                    "rl_wall_s": module.wall_seconds(),
+                    **{f"{cfg.eval.split}_{m}": v for m, v in scores["train"].items()},
+                    cfg.eval.split: scores,
+                    "warmup_dir": init_info["dir"],
+                    "last_ckpt": str(run_dir / "checkpoints" / "last.ckpt"),
+                }
+            )
+            write_json(run_dir / "summary.json", summary)
+            print(
+                f"val ndcg@{k}: {summary[f'val_ndcg@{k}_start']:.4f} -> "
+                f"{summary[f'val_ndcg@{k}_end']:.4f}  |  {cfg.eval.split} ndcg@{k}: "
+                f"{scores['train'][f'ndcg@{k}']:.4f}  |  {summary['wall_s']:.0f} s  |  {run_dir}"
+            )
+        return summary
     finally:
         _finish_loggers(loggers)
 
@@ -374,78 +418,6 @@ def _finish_loggers(loggers) -> None:
     for logger in loggers:
         if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
             logger.experiment.finish()
-
-
-def _fit_and_summarise(
-    cfg,
-    run_dir,
-    t_start,
-    data,
-    reward,
-    format_check,
-    policy,
-    module,
-    trainer,
-    val_loader,
-    init_info,
-) -> dict[str, Any]:
-    if cfg.ckpt_path is None:
-        trainer.validate(module, val_loader, verbose=False)
-    trainer.fit(
-        module,
-        train_dataloaders=step_loader(cfg.rl.steps),
-        val_dataloaders=val_loader,
-        ckpt_path=cfg.ckpt_path,
-    )
-    if not module.val_history or module.val_history[-1]["step"] != module.rollout_step:
-        trainer.validate(module, val_loader, verbose=False)
-
-    label = cfg.baseline.name
-    if cfg.baseline.credit:
-        label += f"-{_choice('attribution')}-{_choice('segmenter')}"
-    summary: dict[str, Any] = {
-        "steps": module.rollout_step,
-        "method": cfg.baseline.name,
-        "label": label,
-        "seed": cfg.seed,
-    }
-    if trainer.is_global_zero:
-        k = 10  # the headline metric, NDCG@10, whatever the reward's own cut-off
-        test = data.splits[cfg.eval.split]
-        test = test[: cfg.eval.size] if cfg.eval.size else test
-        with autocast_for(cfg, policy):
-            texts, ended = generate_all(
-                policy,
-                test,
-                cfg.eval.batch_size,
-                cfg.rl.max_new_tokens,
-                desc=f"{cfg.eval.split} scores",
-            )
-        scores = {"train": score_all(texts, test, reward, format_check, ended)}
-        for name in cfg.eval.retrievers:
-            other = build_reward(_retriever_cfg(name), cfg.reward, data.catalog)
-            scores[name] = score_all(texts, test, other, format_check, ended)
-        hist = module.val_history
-        summary.update(
-            {
-                f"val_ndcg@{k}_start": hist[0][f"val/ndcg@{k}"],
-                f"val_ndcg@{k}_end": hist[-1][f"val/ndcg@{k}"],
-                "val_history": hist,
-                "wall_s": time.perf_counter() - t_start,
-                "rl_wall_s": module.wall_seconds(),
-                **{f"{cfg.eval.split}_{m}": v for m, v in scores["train"].items()},
-                cfg.eval.split: scores,
-                "warmup_dir": init_info["dir"],
-                "last_ckpt": str(run_dir / "checkpoints" / "last.ckpt"),
-            }
-        )
-        write_json(run_dir / "summary.json", summary)
-        print(
-            f"val ndcg@{k}: {summary[f'val_ndcg@{k}_start']:.4f} -> "
-            f"{summary[f'val_ndcg@{k}_end']:.4f}  |  {cfg.eval.split} ndcg@{k}: "
-            f"{scores['train'][f'ndcg@{k}']:.4f}  |  {summary['wall_s']:.0f} s  |  {run_dir}"
-        )
-    return summary
 
 
 # ------------------------------------------------------------------ evaluation

@@ -13,38 +13,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ospo.format import FormatCheck
-
-
-def generate_all(
-    policy,
-    samples: Sequence,
-    batch_size: int,
-    do_sample: bool,
-    temperature: float,
-    max_new_tokens: int,
-    desc: str,
-) -> tuple[list[str], list[bool]]:
-    """One completion per sample, in batches; texts and whether each ended at EOS."""
-    texts, ended = [], []
-    for b0 in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch"):
-        batch = samples[b0 : b0 + batch_size]
-        r = policy.generate(
-            [s.messages for s in batch],
-            num_generations=1,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            do_sample=do_sample,
-        )
-        texts.extend(r.texts)
-        ended.extend(bool(e) for e in r.ended.tolist())
-    return texts, ended
+from ospo.pipeline import generate_all
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -80,13 +54,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         policy,
         samples,
         args.batch_size,
-        True,
-        args.temperature,
         args.max_new_tokens,
-        f"sampled T={args.temperature}",
+        do_sample=True,
+        temperature=args.temperature,
+        desc=f"sampled T={args.temperature}",
     )
     greedy, greedy_ended = generate_all(
-        policy, samples, args.batch_size, False, 1.0, args.max_new_tokens, "greedy"
+        policy, samples, args.batch_size, args.max_new_tokens, do_sample=False, desc="greedy"
     )
 
     check = FormatCheck()
