@@ -36,7 +36,6 @@ import copy
 import os
 import statistics
 import time
-from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,26 +43,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup  # noqa: E402
 
-import ospo.config  # noqa: E402,F401  (registers the config's resolvers)
+from ospo.config import compose_config  # noqa: E402  (also registers the resolvers)
 from ospo.loss import policy_loss  # noqa: E402
 from ospo.module import CreditStats, PromptSchedule, compute_credit, step_seed  # noqa: E402
 from ospo.pipeline import autocast_for, base_policy, build_data, build_reward  # noqa: E402
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def compose_cfg(overrides: list[str]):
-    """`conf/train.yaml` with overrides, as `python train.py <overrides>` composes it."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    GlobalHydra.instance().clear()
-    return cfg
 
 
 class Method:
@@ -186,8 +172,8 @@ def main() -> None:
     a = ap.parse_args()
 
     common = [f"model={a.model}", f"seed={a.seed}", *a.overrides]
-    cfg_ospo = compose_cfg(["baseline=ospo", "attribution=owen", "segmenter=phrase", *common])
-    cfg_grpo = compose_cfg(["baseline=grpo", *common])
+    cfg_ospo = compose_config(["baseline=ospo", "attribution=owen", "segmenter=phrase", *common])
+    cfg_grpo = compose_config(["baseline=grpo", *common])
     rl = cfg_ospo.rl
     if cfg_ospo.baseline.mu != 1 or cfg_grpo.baseline.mu != 1:
         raise SystemExit("this benchmark times one update per rollout step: keep baseline.mu=1")

@@ -56,29 +56,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
-import ospo.config  # noqa: E402,F401  (registers the config's resolvers)
 from ospo.advantage import GRPO  # noqa: E402
+from ospo.config import compose_config  # noqa: E402  (also registers the resolvers)
 from ospo.loss import policy_loss  # noqa: E402
 from ospo.module import step_seed  # noqa: E402
 from ospo.pipeline import base_policy, build_data, build_reward  # noqa: E402
 from ospo.policy import Policy  # noqa: E402
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 PROMPTS, GENERATIONS, NEW_TOKENS = 8, 8, 32
 LR, GRAD_CLIP, EPS_LOW, EPS_HIGH = 5e-5, 1.0, 0.2, 0.28
 SKIP = 2  # steps 1-2 are warm-up; medians over steps 3 and later
-
-
-def compose_cfg(overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    GlobalHydra.instance().clear()
-    return cfg
 
 
 # ------------------------------------------------------------------------ timing
@@ -298,7 +287,7 @@ def main() -> None:
     if a.steps <= SKIP:
         raise SystemExit(f"--steps must exceed the {SKIP} warm-up steps, got {a.steps}")
 
-    cfg = compose_cfg(["model=tiny", f"seed={a.seed}"])
+    cfg = compose_config(["model=tiny", f"seed={a.seed}"])
     data = build_data(cfg)
     train = data.splits["train"][: PROMPTS * a.steps]
     reward = build_reward(cfg.retriever, cfg.reward, data.catalog)

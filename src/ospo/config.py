@@ -12,6 +12,23 @@ if not OmegaConf.has_resolver("mul"):
     OmegaConf.register_new_resolver("mul", lambda a, b: int(a) * int(b))
 
 
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def compose_config(overrides=(), name: str = "train") -> DictConfig:
+    """`conf/<name>.yaml` with overrides, as `python train.py <overrides>` composes it, for
+    scripts that build the project's objects outside a Hydra app (benchmarks, demos)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name=name, overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
 class ConfigError(ValueError):
     """An inconsistent or incomplete configuration (named key, what was expected)."""
 

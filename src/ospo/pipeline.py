@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ospo.config import config_hash, validate
+from ospo.config import CONF_DIR, config_hash, validate
 from ospo.data import Sample
 from ospo.module import RLModule, SFTModule, sample_loader, step_loader
 from ospo.policy import Policy, load_hf
@@ -108,9 +108,6 @@ def warmup_dir(cfg: DictConfig) -> Path:
     model = str(cfg.model._target_).rsplit(".", 1)[-1]
     key = config_hash(cfg.data, cfg.model, cfg.sft, cfg.format, cfg.seed)
     return Path(cfg.cache_dir) / "warmup" / f"{model}-{key}"
-
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def _choice(group: str) -> str:

@@ -196,15 +196,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     import torch
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    import ospo.config  # noqa: F401  (OmegaConf resolvers)
-    from ospo.pipeline import CONF_DIR, base_policy, build_data, build_reward
+    from ospo.config import compose_config
+    from ospo.pipeline import base_policy, build_data, build_reward
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("train", overrides=list(args.overrides))
+    cfg = compose_config(args.overrides)
     torch.manual_seed(int(cfg.seed))
     t0 = time.perf_counter()
     data = build_data(cfg)
