@@ -3,6 +3,7 @@
 import json
 import math
 
+import matplotlib.image
 import numpy as np
 import pytest
 
@@ -12,6 +13,7 @@ from ospo.report import (
     load_runs,
     main,
     mean_ci,
+    paired_differences,
     plot,
     render_markdown,
 )
@@ -32,7 +34,8 @@ def _summary(label, seed, ndcg, recall, mrr, held_out=None, steps=(0, 10, 20), v
         "method": label.split("-")[0],
         "seed": seed,
         "steps": steps[-1],
-        "wall_s": 100.0 + seed,
+        "wall_s": 100.0 + seed,  # whole job (a warm-up may be in it)
+        "rl_wall_s": 60.0 + seed,
         "val_history": [
             {
                 "step": s,
@@ -129,19 +132,19 @@ def test_aggregate_numbers(sweep):
     assert e["test"]["recall@10"][0] == pytest.approx(0.7)
     assert e["test"]["mrr"][0] == pytest.approx(0.6)
     assert e["val_start"][0] == pytest.approx(0.1) and e["val_end"][0] == pytest.approx(0.3)
-    assert e["wall_s"][0] == pytest.approx(101.0)
-    # dense drops are -0.1, -0.2, -0.3 (paired per seed): mean -0.2, s = 0.1
+    assert e["wall_s"][0] == pytest.approx(61.0)  # RL time, not the whole job
+    # dense changes are -0.1, -0.2, -0.3 (paired per seed): mean -0.2, s = 0.1
     d = e["ood"]["dense"]
-    assert d["drop"][0] == pytest.approx(-0.2)
-    assert d["drop"][1] == pytest.approx(T_975_DF2 * 0.1 / 3**0.5)
-    assert d["drop_pct"] == pytest.approx(-40.0)
-    assert e["ood"]["bm25_plus"]["drop"][0] == pytest.approx(0.0)
+    assert d["change"][0] == pytest.approx(-0.2)
+    assert d["change"][1] == pytest.approx(T_975_DF2 * 0.1 / 3**0.5)
+    assert d["change_pct"] == pytest.approx(-40.0)
+    assert e["ood"]["bm25_plus"]["change"][0] == pytest.approx(0.0)
     g = agg["labels"]["grpo"]
     assert g["ood"]["bm25_plus"]["held_out"][2] == 1  # one seed lacks bm25_plus
-    assert g["ood"]["bm25_plus"]["drop"][0] == pytest.approx(0.0)
-    assert math.isnan(g["ood"]["bm25_plus"]["drop"][1])
-    assert g["ood"]["dense"]["drop"][0] == pytest.approx(-0.15)
-    assert g["ood"]["dense"]["drop_pct"] == pytest.approx(-37.5)
+    assert g["ood"]["bm25_plus"]["change"][0] == pytest.approx(0.0)
+    assert math.isnan(g["ood"]["bm25_plus"]["change"][1])
+    assert g["ood"]["dense"]["change"][0] == pytest.approx(-0.15)
+    assert g["ood"]["dense"]["change_pct"] == pytest.approx(-37.5)
 
 
 def test_markdown_table(sweep):
@@ -150,7 +153,7 @@ def test_markdown_table(sweep):
     row = next(line for line in md.splitlines() if line.startswith("| ospo-owen-phrase | 3 |"))
     assert f"0.5000 ± {half:.4f}" in row
     assert f"0.7000 ± {half:.4f}" in row and f"0.6000 ± {half:.4f}" in row
-    assert "0.1000 -> 0.3000" in row and "| 101 |" in row
+    assert "0.1000 -> 0.3000" in row and "| 61 |" in row
     dense = next(
         line for line in md.splitlines() if line.startswith("| ospo-owen-phrase | dense |")
     )
@@ -159,14 +162,43 @@ def test_markdown_table(sweep):
     assert "| 1 |" in lone and "0.3000 ± n/a" in lone
 
 
+def test_paired_against_baseline(sweep):
+    runs = load_runs(sweep)
+    p = paired_differences(runs, "grpo")
+    assert list(p) == ["ospo-owen-phrase"]
+    e = p["ospo-owen-phrase"]
+    # seeds 0 and 1 are in both labels (seed 2 has no grpo run)
+    assert sorted(e["seeds"]) == [0, 1] and e["n"] == 2
+    # ndcg: 0.4 - 0.3 = 0.1 and 0.5 - 0.5 = 0.0 -> one win, mean 0.05, s = 0.0707
+    assert e["wins"] == 1
+    mean, half, n = e["test"]["ndcg@10"]
+    assert (mean, n) == (pytest.approx(0.05), 2)
+    assert half == pytest.approx(12.706204736 * 0.05, rel=1e-6)
+    assert e["test"]["recall@10"][0] == pytest.approx(0.15)  # 0.1 and 0.2
+    # final validation: ospo ends at 0.3 on both seeds, grpo at 0.2 and 0.4
+    assert e["val_end"][0] == pytest.approx(0.0)
+    agg = aggregate(runs)
+    assert agg["baseline"] == "grpo" and agg["paired"]["ospo-owen-phrase"]["n"] == 2
+    md = render_markdown(agg)
+    row = next(line for line in md.splitlines() if line.startswith("| ospo-owen-phrase | 2 |"))
+    assert "+0.0500 ± 0.6353" in row and "| 1 of 2 |" in row
+    assert "Paired against" not in render_markdown(aggregate(runs, baseline=None))
+    with pytest.raises(ValueError, match="'sft'.*grpo"):
+        paired_differences(runs, "sft")
+
+
 def test_single_seed_and_missing_held_out(tmp_path):
     _write(tmp_path, "0", _summary("grpo", 0, 0.3, 0.5, 0.4))
     agg = aggregate(load_runs(tmp_path))
     md = render_markdown(agg)
     assert "0.3000 ± n/a" in md
     assert "No held-out retriever" in md
-    _write(tmp_path, "1", _summary("ospo", 0, 0.4, 0.5, 0.4, {"dense": 0.2}))
+    assert "| 60 |" in md  # RL wall time
+    older = _summary("ospo", 0, 0.4, 0.5, 0.4, {"dense": 0.2})
+    del older["rl_wall_s"]  # a summary without the RL time: the whole job's time is shown
+    _write(tmp_path, "1", older)
     md = render_markdown(aggregate(load_runs(tmp_path)))
+    assert "| 100 |" in next(line for line in md.splitlines() if line.startswith("| ospo | 1 |"))
     assert "| grpo | dense | 0 | 0.3000 ± n/a | missing | n/a | n/a |" in md
 
 
@@ -182,6 +214,10 @@ def test_plot_and_cli(sweep, tmp_path, capsys):
     out = tmp_path / "out"
     png = plot(aggregate(load_runs(sweep)), out / "fig.png")
     assert png.stat().st_size > 1000
+    # with a baseline a third panel (paired difference) widens the figure by half
+    two = plot(aggregate(load_runs(sweep), baseline=None), out / "two.png")
+    width3, width2 = (matplotlib.image.imread(f).shape[1] for f in (png, two))
+    assert width3 == pytest.approx(1.5 * width2, rel=0.02)
     md = main([str(sweep), "--out", str(out)])
     printed = capsys.readouterr().out
     assert md in printed
@@ -195,3 +231,9 @@ def test_cli_error_names_the_folder(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path)])
     assert f"no summary.json found below {tmp_path}" in capsys.readouterr().err
+
+
+def test_cli_unknown_baseline_names_it(sweep, capsys):
+    with pytest.raises(SystemExit):
+        main([str(sweep), "--baseline", "ppo"])
+    assert "baseline label 'ppo' not among" in capsys.readouterr().err
