@@ -64,3 +64,17 @@ def make_cfg(tmp_path):
 
     yield _make
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def dense_toy():
+    """Dense (MiniLM) indexed on 20 products: 18 fillers p0..p17, a kids' ski jacket "ski" and
+    men's running shoes "shoe". Loads the real encoder: use only in slow tests."""
+    from ospo.retriever import Dense
+
+    catalog = {f"p{i}": f"generic household item number {i}" for i in range(18)}
+    catalog["ski"] = "insulated waterproof ski jacket for kids"
+    catalog["shoe"] = "lightweight running shoes for men"
+    dense = Dense()
+    dense.index(catalog)
+    return dense

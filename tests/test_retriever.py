@@ -135,12 +135,8 @@ def test_dense_is_not_additive():
 
 
 @pytest.mark.slow
-def test_dense_ranks_the_matching_product_first():
-    catalog = {f"p{i}": f"generic household item number {i}" for i in range(18)}
-    catalog["ski"] = "insulated waterproof ski jacket for kids"
-    catalog["shoe"] = "lightweight running shoes for men"
-    dense = Dense()
-    dense.index(catalog)
+def test_dense_ranks_the_matching_product_first(dense_toy):
+    dense = dense_toy
     scores = dense.score(["warm winter coat for a child going skiing", "jogging sneakers"])
     assert scores.shape == (2, 20) and scores.dtype == np.float32
     assert dense.doc_ids[int(scores[0].argmax())] == "ski"

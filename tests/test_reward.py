@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ospo.metrics import mrr, ndcg_at_k, recall_at_k
-from ospo.retriever import BM25, BM25L, Dense
+from ospo.retriever import BM25, BM25L
 from ospo.reward import NDCG, Recall, Reward, join_texts
 from ospo.segmenter import Segmentation
 
@@ -197,12 +197,8 @@ def test_edge_cases(bm25):
 
 
 @pytest.mark.slow
-def test_dense_value_fn_equals_one_by_one():
-    catalog = {f"p{i}": f"generic household item number {i}" for i in range(18)}
-    catalog["ski"] = "insulated waterproof ski jacket for kids"
-    catalog["shoe"] = "lightweight running shoes for men"
-    dense = Dense()
-    dense.index(catalog)
+def test_dense_value_fn_equals_one_by_one(dense_toy):
+    dense = dense_toy
     s = sample("d1", {"ski": 1.0, "shoe": 0.1})
     reward = NDCG(dense, k=3)
     assert reward.ranking("warm ski coat for a child", s, k=1) == ["ski"]

@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ospo.config import CONF_DIR, config_hash, validate
-from ospo.data import Sample
+from ospo.data import Dataset, Sample
+from ospo.format import FormatCheck
 from ospo.module import RLModule, SFTModule, sample_loader, step_loader
 from ospo.policy import Policy, load_hf
 
@@ -181,6 +182,52 @@ def score_all(texts, samples, reward, format_check, ended) -> dict[str, float]:
     return out
 
 
+def validation_requests(cfg: DictConfig, data: Dataset) -> list[Sample]:
+    """The first ``rl.val_size`` validation requests (all when 0): the warm-up check and the
+    RL validation score the same ones."""
+    val = data.splits["val"]
+    return val[: cfg.rl.val_size] if cfg.rl.val_size else val
+
+
+def expand_test_split(
+    cfg: DictConfig, policy: Policy, data: Dataset, desc: str, **sampling: Any
+) -> tuple[list[Sample], list[str], list[bool]]:
+    """The first ``eval.size`` requests of ``eval.split`` and one expansion of each.
+
+    Generation runs under the config's autocast; ``sampling`` (do_sample, temperature) goes to
+    :func:`generate_all` (greedy when empty).
+    """
+    samples = data.splits[cfg.eval.split]
+    samples = samples[: cfg.eval.size] if cfg.eval.size else samples
+    with autocast_for(cfg, policy):
+        texts, ended = generate_all(
+            policy, samples, cfg.eval.batch_size, cfg.rl.max_new_tokens, desc=desc, **sampling
+        )
+    return samples, texts, ended
+
+
+def score_with_retrievers(
+    cfg: DictConfig,
+    data: Dataset,
+    texts: Sequence[str],
+    samples: Sequence[Sample],
+    ended: Sequence[bool],
+    format_check: FormatCheck,
+    conf_dir: Path = CONF_DIR,
+) -> dict[str, dict[str, float]]:
+    """:func:`score_all` under each retriever of ``eval.retrievers`` (``conf/retriever/<name>``)."""
+    return {
+        name: score_all(
+            texts,
+            samples,
+            build_reward(_retriever_cfg(name, conf_dir), cfg.reward, data.catalog),
+            format_check,
+            ended,
+        )
+        for name in cfg.eval.retrievers
+    }
+
+
 # ------------------------------------------------------------------ warm-up
 class SFTCollator:
     """Chat prompt + demonstration + EOS, right-padded; loss only on the demonstration."""
@@ -245,7 +292,7 @@ def run_sft(cfg: DictConfig, data, reward, format_check, run_dir: Path) -> Path:
     log.info("warm-up: %d steps of %d demonstrations", cfg.sft.steps, cfg.sft.batch_size)
     trainer.fit(module, train_dataloaders=loader)
 
-    val = data.splits["val"][: cfg.rl.val_size] if cfg.rl.val_size else data.splits["val"]
+    val = validation_requests(cfg, data)
     with autocast_for(cfg, policy):
         texts, ended = generate_all(
             policy, val, cfg.eval.batch_size, cfg.rl.max_new_tokens, desc="warm-up check"
@@ -336,7 +383,7 @@ def run_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         samples_dir=run_dir / "samples",
         init=init_info,
     )
-    val = data.splits["val"][: cfg.rl.val_size] if cfg.rl.val_size else data.splits["val"]
+    val = validation_requests(cfg, data)
     val_loader = sample_loader(val, cfg.eval.batch_size)
     loggers = _loggers(cfg)
     trainer = make_trainer(
@@ -371,20 +418,11 @@ def run_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         }
         if trainer.is_global_zero:
             k = 10  # the headline metric, NDCG@10, whatever the reward's own cut-off
-            test = data.splits[cfg.eval.split]
-            test = test[: cfg.eval.size] if cfg.eval.size else test
-            with autocast_for(cfg, policy):
-                texts, ended = generate_all(
-                    policy,
-                    test,
-                    cfg.eval.batch_size,
-                    cfg.rl.max_new_tokens,
-                    desc=f"{cfg.eval.split} scores",
-                )
+            test, texts, ended = expand_test_split(
+                cfg, policy, data, desc=f"{cfg.eval.split} scores"
+            )
             scores = {"train": score_all(texts, test, reward, format_check, ended)}
-            for name in cfg.eval.retrievers:
-                other = build_reward(_retriever_cfg(name), cfg.reward, data.catalog)
-                scores[name] = score_all(texts, test, other, format_check, ended)
+            scores.update(score_with_retrievers(cfg, data, texts, test, ended, format_check))
             hist = module.val_history
             summary.update(
                 {
@@ -457,28 +495,23 @@ def run_eval(cfg: DictConfig, run_dir: Path, conf_dir: Path) -> dict[str, Any]:
         log.info("no ckpt_path: evaluating the untrained (zero-shot) policy")
         policy = base_policy(cfg, data)
     policy.eval()
-    samples = data.splits[cfg.eval.split]
-    samples = samples[: cfg.eval.size] if cfg.eval.size else samples
-    with autocast_for(cfg, policy):
-        texts, ended = generate_all(
-            policy,
-            samples,
-            cfg.eval.batch_size,
-            cfg.rl.max_new_tokens,
-            do_sample=cfg.eval.do_sample,
-            temperature=cfg.eval.temperature,
-            desc=f"{cfg.eval.split} expansions",
-        )
+    samples, texts, ended = expand_test_split(
+        cfg,
+        policy,
+        data,
+        desc=f"{cfg.eval.split} expansions",
+        do_sample=cfg.eval.do_sample,
+        temperature=cfg.eval.temperature,
+    )
     format_check = instantiate(cfg.format)
     results: dict[str, Any] = {
         "ckpt_path": cfg.ckpt_path,
         "split": cfg.eval.split,
         "n": len(samples),
-        "retrievers": {},
+        "retrievers": score_with_retrievers(
+            cfg, data, texts, samples, ended, format_check, conf_dir
+        ),
     }
-    for name in cfg.eval.retrievers:
-        reward = build_reward(_retriever_cfg(name, conf_dir), cfg.reward, data.catalog)
-        results["retrievers"][name] = score_all(texts, samples, reward, format_check, ended)
     write_json(run_dir / "results.json", results)
     (run_dir / "expansions.jsonl").write_text(
         "".join(

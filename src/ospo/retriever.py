@@ -343,18 +343,22 @@ class Dense(_Retriever):
             self._model = SentenceTransformer(str(path), device=self.device)
         return self._model
 
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        """Uncached batch encoding with this retriever's settings.  # (len(texts), E) float32"""
+        return self.model.encode(
+            texts,
+            batch_size=self.batch_size,
+            normalize_embeddings=self.normalize,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        ).astype(np.float32)
+
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embeddings of ``texts``, encoding only those not in the cache.  # (Q, E) float32"""
         texts = _as_text_list(texts)
         todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
         if todo:
-            emb = self.model.encode(
-                todo,
-                batch_size=self.batch_size,
-                normalize_embeddings=self.normalize,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            ).astype(np.float32)  # (m, E)
+            emb = self._embed(todo)  # (m, E)
             if len(self._cache) + len(todo) > self.max_cache:
                 self._cache.clear()
             self._cache.update(zip(todo, emb, strict=True))
@@ -369,13 +373,7 @@ class Dense(_Retriever):
         """Embed every product text once."""
         ids, texts = _check_catalog(catalog)
         self.doc_ids = ids
-        self._doc_emb = self.model.encode(
-            texts,
-            batch_size=self.batch_size,
-            normalize_embeddings=self.normalize,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        ).astype(np.float32)  # (D, E)
+        self._doc_emb = self._embed(texts)  # (D, E)
         self._indexed = True
 
     def clear_cache(self) -> None:
