@@ -41,7 +41,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import lightning as L  # noqa: E402
+import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup  # noqa: E402
@@ -179,12 +179,12 @@ def main() -> None:
         raise SystemExit("this benchmark times one update per rollout step: keep baseline.mu=1")
 
     t0 = time.perf_counter()
-    L.seed_everything(a.seed, workers=True, verbose=False)
+    pl.seed_everything(a.seed, workers=True, verbose=False)
     data = build_data(cfg_ospo)
     reward = build_reward(cfg_ospo.retriever, cfg_ospo.reward, data.catalog)
     ospo_m = Method(cfg_ospo, instantiate(cfg_ospo.segmenter), instantiate(cfg_ospo.attribution))
     grpo_m = Method(cfg_grpo)
-    L.seed_everything(a.seed, workers=True, verbose=False)
+    pl.seed_everything(a.seed, workers=True, verbose=False)
     policy = base_policy(cfg_ospo, data)
     policy.train()
     params, opt, sched = make_optimizer(policy, rl, mu=1)

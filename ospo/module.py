@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lightning as L
+import pytorch_lightning as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -126,7 +126,7 @@ def compute_credit(texts, samples, segmenter, attribution, reward, keep_query: b
     return segmentations, phis, stats
 
 
-class RLModule(L.LightningModule):
+class RLModule(pl.LightningModule):
     """On-policy GRPO / OSPO: one rollout step per `training_step`, `mu` updates per step."""
 
     def __init__(
@@ -403,7 +403,7 @@ class RLModule(L.LightningModule):
             rng.bit_generator.state = state["attribution_rng"]
 
 
-class SFTModule(L.LightningModule):
+class SFTModule(pl.LightningModule):
     """Supervised warm-up: next-token loss on the demonstration, prompt tokens masked out."""
 
     def __init__(self, policy: Policy, sft: dict[str, Any], max_steps: int):
