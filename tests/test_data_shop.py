@@ -2,7 +2,6 @@
 
 import json
 import re
-import time
 from collections import Counter
 
 import numpy as np
@@ -139,10 +138,12 @@ def test_default_sizes_and_categories(data):
     assert re.fullmatch(r"P\d{5}", pid) and len(text.split()) > 10
 
 
-def test_generation_is_fast():
-    start = time.perf_counter()
-    ShopData(seed=11)
-    assert time.perf_counter() - start < 3.0
+def test_any_seed_builds_the_default_sizes(data):
+    """Another seed: the same sizes, another catalog (the build is timed in
+    benchmarks/data_and_segmenter.py, not here: a busy machine must not fail a test)."""
+    other = ShopData(seed=11)
+    assert other.summary() == data.summary()
+    assert other.catalog != data.catalog
 
 
 def test_deterministic_from_seed(small):

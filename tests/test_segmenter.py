@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 
 import numpy as np
 import pytest
@@ -342,19 +341,18 @@ def test_phrase_unicode_pieces():
 
 
 @pytest.mark.parametrize("segmenter", SEGMENTERS, ids=lambda s: type(s).__name__)
-def test_long_text_is_fast(segmenter):
+def test_long_text(segmenter):
+    """10,000 words: valid spans, the cap met by merging only (timed in
+    benchmarks/data_and_segmenter.py)."""
     rng = random.Random(0)
     vocab = "warm kids ski jacket for and with , . ; ! size 2.5 \n insulated é 雪 🔥".split(" ")
     text = " ".join(rng.choice(vocab) for _ in range(10_000))
-    start = time.perf_counter()
     seg = segmenter(text)
-    elapsed = time.perf_counter() - start
     check_valid(seg, text)
-    if segmenter.max_segments is not None:
-        assert seg.n == segmenter.max_segments
-    else:
-        assert seg.n > 100
-    assert elapsed < 1.0
+    uncapped = type(segmenter)(max_segments=None, **_other_args(segmenter))(text)
+    assert uncapped.n > 100
+    assert seg.n == min(uncapped.n, segmenter.max_segments or uncapped.n)
+    assert not (covered(uncapped, len(text)) & ~covered(seg, len(text))).any()
 
 
 def test_random_texts_keep_invariants():

@@ -11,7 +11,11 @@ Every data set yields the same objects:
 Implementations: :class:`ospo.data.shop.ShopData` (the embedded synthetic task, the default),
 :class:`ospo.data.esci.EsciData` (Amazon Shopping Queries) and :class:`ospo.data.hm.HMData`
 (H&M contextualised search). Shared helpers live here: :func:`make_messages`,
-:func:`build_pool`, :func:`load_demos` and :func:`attach_demos`.
+:func:`build_pool`, :func:`load_demos` and :func:`attach_demos`, and the steps that the file
+loaders (ESCI, H&M) share: reading and de-duplicating tables (:func:`read_csv`,
+:func:`drop_duplicate_ids`, :func:`text_catalog`), the seeded splits (:func:`split_val`,
+:func:`seeded_subset`) and the tail, :func:`samples_and_catalog` (:func:`build_splits`,
+:func:`used_catalog`, :func:`attach_demos_file`).
 
 Every row that a loader drops is logged with a count on the ``"ospo.data"`` logger.
 """
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,6 +225,135 @@ def log_drop(count: int, what: str) -> None:
         logger.info("dropped %d %s", count, what)
 
 
+# ---- steps shared by the file loaders (ESCI, H&M) ---------------------------------------------
+
+
+def check_val_fraction(val_fraction: float) -> None:
+    """Raise a ``ValueError`` unless ``val_fraction`` is in [0, 1)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+
+
+def check_pool_size(pool_size: int | None) -> None:
+    """Raise a ``ValueError`` unless ``pool_size`` is None or a positive integer."""
+    if pool_size is not None and pool_size < 1:
+        raise ValueError(f"pool_size must be a positive integer or None, got {pool_size}")
+
+
+def read_csv(path: Path, columns: Sequence[str], str_columns: Sequence[str]):
+    """Read ``columns`` of a CSV file, ``str_columns`` as strings and only empty cells as missing
+    (so "NA" stays text); a missing column raises :func:`require_columns`' error first."""
+    import pandas as pd
+
+    require_columns(pd.read_csv(path, nrows=0).columns, columns, path)
+    return pd.read_csv(
+        path,
+        usecols=list(columns),
+        dtype={c: str for c in str_columns},
+        keep_default_na=False,
+        na_values=[""],
+    )
+
+
+def drop_duplicate_ids(frame, column: str, what: str):
+    """``frame`` without the rows whose ``column`` repeats an earlier row's (drop logged)."""
+    dup = frame[column].duplicated()
+    log_drop(int(dup.sum()), what)
+    return frame[~dup]
+
+
+def join_fields(frame, fields: Sequence[str]) -> list[str]:
+    """Per row, the non-missing values of ``fields`` joined by " " (whitespace collapsed)."""
+    import pandas as pd
+
+    parts = []
+    for field in fields:
+        col = frame[field]
+        parts.append([None if pd.isna(v) else " ".join(str(v).split()) for v in col])
+    return [" ".join(p for p in row if p) for row in zip(*parts, strict=True)]
+
+
+def text_catalog(frame, id_column: str, fields: list[str], what: str):
+    """Product texts from ``fields`` (:func:`join_fields`); rows without text are dropped (logged
+    as ``what``). Returns (the rows kept, catalog id -> text in row order)."""
+    texts = join_fields(frame, fields)
+    has_text = np.array([bool(t) for t in texts], dtype=bool)  # (rows,)
+    log_drop(int((~has_text).sum()), f"{what} without text in {fields}")
+    ids = frame[id_column].to_numpy()[has_text].tolist()
+    return frame[has_text], dict(zip(ids, (t for t in texts if t), strict=True))
+
+
+def split_val(train_ids: Sequence, test_ids: Sequence, fraction: float, seed: int) -> dict:
+    """Splits ``{"train", "val", "test"}``: a seeded ``fraction`` of ``train_ids`` (rounded) is
+    held out as val; train and val come back sorted, ``test_ids`` as given."""
+    perm = np.random.default_rng([seed, 0]).permutation(len(train_ids))
+    n_val = int(round(fraction * len(train_ids)))
+    return {
+        "train": sorted(train_ids[int(i)] for i in perm[n_val:]),
+        "val": sorted(train_ids[int(i)] for i in perm[:n_val]),
+        "test": test_ids,
+    }
+
+
+def seeded_subset(ids: Sequence, size: int, rng: np.random.Generator) -> Sequence:
+    """At most ``size`` of ``ids``: all of them, or a random subset drawn with ``rng``, sorted."""
+    if len(ids) <= size:
+        return ids
+    return sorted(ids[int(i)] for i in rng.permutation(len(ids))[:size])
+
+
+def build_splits(
+    ids_by_split: Mapping[str, Iterable],
+    make_sample: Callable[[object, np.random.Generator], Sample],
+    seed: int,
+) -> dict[str, list[Sample]]:
+    """One sample per id of each split, ``make_sample(id, rng)``; each split has its own
+    generator seeded ``[seed, 2, k]`` (k = index in :data:`SPLITS`) for its pools."""
+    splits: dict[str, list[Sample]] = {}
+    for k, name in enumerate(SPLITS):
+        rng = np.random.default_rng([seed, 2, k])
+        splits[name] = [make_sample(i, rng) for i in ids_by_split[name]]
+    return splits
+
+
+def used_catalog(
+    catalog: dict[str, str], splits: Mapping[str, list[Sample]], pooled: bool
+) -> dict[str, str]:
+    """With pools, the products that some pool contains (in catalog order): the retriever's
+    statistics then come from that set. Without, the whole ``catalog``."""
+    if not pooled:
+        return catalog
+    in_pools = {p for samples in splits.values() for s in samples for p in s.pool or ()}
+    return {p: text for p, text in catalog.items() if p in in_pools}
+
+
+def attach_demos_file(splits: Mapping[str, list[Sample]], demos_path: str | Path | None) -> None:
+    """Attach the demonstrations of the JSONL file ``demos_path`` (:func:`load_demos`), if
+    given, to the samples of every split, and log how many found their sample."""
+    if demos_path is None:
+        return
+    demos = load_demos(demos_path)
+    count = sum(attach_demos(s, demos) for s in splits.values())
+    logger.info("attached %d demonstrations from %s", count, demos_path)
+
+
+def samples_and_catalog(
+    ids_by_split: Mapping[str, Iterable],
+    make_sample: Callable[[object, np.random.Generator], Sample],
+    seed: int,
+    catalog: dict[str, str],
+    pooled: bool,
+    demos_path: str | Path | None,
+) -> tuple[dict[str, str], dict[str, list[Sample]]]:
+    """The file loaders' tail: the samples of every split (:func:`build_splits`), the catalog
+    trimmed to the products they use (:func:`used_catalog`) and their demonstrations
+    (:func:`attach_demos_file`). Returns (catalog, splits)."""
+    splits = build_splits(ids_by_split, make_sample, seed)
+    catalog = used_catalog(catalog, splits, pooled)
+    attach_demos_file(splits, demos_path)
+    return catalog, splits
+
+
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
     "ESCI_GAINS",
@@ -228,9 +361,21 @@ __all__ = [
     "Dataset",
     "Sample",
     "attach_demos",
+    "attach_demos_file",
     "build_pool",
+    "build_splits",
+    "check_pool_size",
+    "check_val_fraction",
+    "drop_duplicate_ids",
+    "join_fields",
     "load_demos",
     "log_drop",
     "make_messages",
+    "read_csv",
     "require_columns",
+    "samples_and_catalog",
+    "seeded_subset",
+    "split_val",
+    "text_catalog",
+    "used_catalog",
 ]

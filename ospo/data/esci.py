@@ -39,6 +39,7 @@ Pipeline (each drop is logged with its count on the ``ospo.data`` logger):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -46,16 +47,20 @@ import numpy as np
 from ospo.data import (
     DEFAULT_SYSTEM_PROMPT,
     ESCI_GAINS,
-    SPLITS,
     Dataset,
     Sample,
-    attach_demos,
     build_pool,
-    load_demos,
+    check_pool_size,
+    check_val_fraction,
+    drop_duplicate_ids,
     log_drop,
-    logger,
     make_messages,
+    read_csv,
     require_columns,
+    samples_and_catalog,
+    seeded_subset,
+    split_val,
+    text_catalog,
 )
 
 EXAMPLES = "shopping_queries_dataset_examples"
@@ -71,71 +76,11 @@ EXAMPLE_COLUMNS = (
     "split",
 )
 FILE_SPLITS = ("train", "test")
+STR_COLUMNS = ("query_id", "query", "product_id", "product_locale", "esci_label", "split")
+"""Columns read as strings from a CSV copy (parquet keeps its own types)."""
 
-
-def find_file(root: Path, stem: str) -> Path:
-    """``root/stem.parquet`` or ``root/stem.csv`` (also under ``root/shopping_queries_dataset``).
-
-    Raises ``FileNotFoundError`` naming the expected files and where to get them.
-    """
-    for folder in (root, root / "shopping_queries_dataset"):
-        for suffix in (".parquet", ".csv"):
-            if (folder / f"{stem}{suffix}").is_file():
-                return folder / f"{stem}{suffix}"
-    where = "does not exist" if not root.is_dir() else f"has no {stem}.parquet (or .csv)"
-    raise FileNotFoundError(
-        f"ESCI data folder {str(root)!r} {where}. Expected {EXAMPLES}.parquet and "
-        f"{PRODUCTS}.parquet (or .csv copies with the same columns) in it; get them from "
-        f"{SOURCE}."
-    )
-
-
-def _read(path: Path, columns: Sequence[str], locale: str | None = None):
-    """Read ``columns`` of a parquet/CSV file (ids and labels as strings).
-
-    Columns missing from the file raise a ``ValueError`` naming them. With ``locale``, only rows
-    whose ``product_locale`` equals it (case-insensitive) are read; for parquet this is a pyarrow
-    filter, so the other locales' rows never reach memory. Returns (frame, rows of other locales).
-    """
-    import pandas as pd
-    import pyarrow.parquet as pq
-
-    if path.suffix == ".parquet":
-        require_columns(pq.read_schema(path).names, columns, path)
-        filters, other = None, 0
-        if locale is not None:
-            locales = pd.read_parquet(path, columns=["product_locale"])["product_locale"]
-            match = locales.astype(str).str.lower() == locale
-            other = int((~match).sum())
-            values = sorted(locales[match].unique().tolist()) or [locale]
-            filters = [("product_locale", "in", values)]
-        return pd.read_parquet(path, columns=list(columns), filters=filters), other
-    require_columns(pd.read_csv(path, nrows=0).columns, columns, path)
-    as_str = ("query_id", "query", "product_id", "product_locale", "esci_label", "split")
-    frame = pd.read_csv(
-        path,
-        usecols=list(columns),
-        dtype={c: str for c in as_str if c in columns},
-        keep_default_na=False,
-        na_values=[""],
-    )
-    other = 0
-    if locale is not None:
-        match = frame["product_locale"].astype(str).str.lower() == locale
-        other = int((~match).sum())
-        frame = frame[match]
-    return frame, other
-
-
-def product_text(frame, fields: Sequence[str]) -> list[str]:
-    """Per row, the non-missing values of ``fields`` joined by " " (whitespace collapsed)."""
-    import pandas as pd
-
-    parts = []
-    for field in fields:
-        col = frame[field]
-        parts.append([None if pd.isna(v) else " ".join(str(v).split()) for v in col])
-    return [" ".join(p for p in row if p) for row in zip(*parts, strict=True)]
+Query = tuple[str, str, dict[str, float]]
+"""(query text, file split, gains product id -> gain) of one query."""
 
 
 class EsciData(Dataset):
@@ -179,132 +124,128 @@ class EsciData(Dataset):
         user_template: str = "{request}",
         max_queries: int | None = None,
     ) -> None:
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        if min_exact > max_exact:
-            raise ValueError(f"min_exact ({min_exact}) must be <= max_exact ({max_exact})")
-        if pool_size is not None and pool_size < 1:
-            raise ValueError(f"pool_size must be a positive integer or None, got {pool_size}")
-        if num_negatives is not None and num_negatives < 0:
-            raise ValueError(f"num_negatives must be >= 0 or None, got {num_negatives}")
-        product_fields = list(product_fields)
-        if not product_fields:
-            raise ValueError("product_fields must name at least one product column")
+        _check_args(val_fraction, min_exact, max_exact, pool_size, num_negatives)
+        product_fields = _field_list(product_fields)
         root = Path(root).expanduser()
         locale = str(locale).lower()
         examples_path, products_path = find_file(root, EXAMPLES), find_file(root, PRODUCTS)
-
-        # 1. examples of the locale (and small version)
-        ex, _ = _read(examples_path, EXAMPLE_COLUMNS)
-        _check_values(ex, "esci_label", ESCI_GAINS, examples_path)
-        _check_values(ex, "split", FILE_SPLITS, examples_path)
-        locales = ex["product_locale"].astype(str).str.lower()
-        keep = locales == locale
-        if not keep.any():
-            raise ValueError(
-                f"{examples_path}: no example with product_locale == {locale!r}; the file has "
-                f"{sorted(locales.unique().tolist())}"
-            )
-        log_drop(int((~keep).sum()), f"ESCI examples of other locales than {locale!r}")
-        ex = ex[keep]
-        if small_version:
-            small = _as_int(ex["small_version"], "small_version", examples_path) == 1
-            log_drop(int((~small).sum()), "ESCI examples outside the small version")
-            ex = ex[small]
-        ex = ex.assign(query_id=ex["query_id"].astype(str), product_id=ex["product_id"].astype(str))
-
-        # 2. products of the locale with text; examples whose product has none
-        prod, other = _read(
-            products_path, ["product_id", "product_locale", *product_fields], locale
+        ex = read_examples(examples_path, locale, small_version)
+        full_catalog = read_products(products_path, locale, product_fields)
+        ex = keep_queries(ex, full_catalog, min_exact, max_exact)
+        _check_left(ex, locale, small_version, min_exact, max_exact)
+        queries = query_table(ex)
+        split_ids = split_queries(queries, val_fraction, max_queries, seed)
+        make_sample = partial(
+            _sample,
+            queries=queries,
+            all_ids=list(full_catalog),
+            pool_size=pool_size,
+            num_negatives=num_negatives,
+            system_prompt=system_prompt,
+            user_template=user_template,
         )
-        log_drop(other, f"product rows of other locales than {locale!r}")
-        prod = prod.assign(product_id=prod["product_id"].astype(str))
-        dup = prod["product_id"].duplicated()
-        log_drop(int(dup.sum()), f"duplicate product rows (product_id, locale {locale!r})")
-        prod = prod[~dup]
-        texts = product_text(prod, product_fields)
-        has_text = np.array([bool(t) for t in texts], dtype=bool)  # (num_products,)
-        log_drop(int((~has_text).sum()), f"products without text in {product_fields}")
-        all_ids = prod["product_id"].to_numpy()[has_text].tolist()
-        full_catalog = dict(
-            zip(all_ids, (t for t, ok in zip(texts, has_text, strict=True) if ok), strict=True)
+        pooled = pool_size is not None or num_negatives is not None
+        catalog, splits = samples_and_catalog(
+            split_ids, make_sample, seed, full_catalog, pooled, demos_path
         )
-        known = ex["product_id"].isin(full_catalog.keys())
-        log_drop(int((~known).sum()), "ESCI examples whose product is missing or has no text")
-        ex = ex[known]
-
-        # 3. queries with min_exact..max_exact exact matches
-        num_exact = ex["esci_label"].eq("E").groupby(ex["query_id"]).sum()
-        good = num_exact[(num_exact >= min_exact) & (num_exact <= max_exact)].index
-        log_drop(
-            int(len(num_exact) - len(good)),
-            f"ESCI queries with fewer than {min_exact} or more than {max_exact} E labels",
-        )
-        ex = ex[ex["query_id"].isin(good)]
-        if ex.empty:
-            raise ValueError(
-                f"no ESCI query left after the filters (locale={locale!r}, small_version="
-                f"{small_version}, {min_exact}-{max_exact} E labels)"
-            )
-
-        # 4. splits: the file's train/test, seeded val from train, optional cap
-        rng = np.random.default_rng([seed, 0])
-        queries = _query_table(ex)
-        by_split = {
-            s: sorted(q for q, (_, sp, _) in queries.items() if sp == s) for s in FILE_SPLITS
-        }
-        train_ids = by_split["train"]
-        perm = rng.permutation(len(train_ids))
-        n_val = int(round(val_fraction * len(train_ids)))
-        split_ids = {
-            "train": sorted(train_ids[int(i)] for i in perm[n_val:]),
-            "val": sorted(train_ids[int(i)] for i in perm[:n_val]),
-            "test": by_split["test"],
-        }
-        if max_queries is not None:
-            for name, ids in split_ids.items():
-                if len(ids) > max_queries:
-                    sub = np.random.default_rng([seed, 1]).permutation(len(ids))[:max_queries]
-                    split_ids[name] = sorted(ids[int(i)] for i in sub)
-
-        # 5-6. samples, gains, pools
-        splits: dict[str, list[Sample]] = {}
-        for k, name in enumerate(SPLITS):
-            pool_rng = np.random.default_rng([seed, 2, k])
-            samples = []
-            for qid in split_ids[name]:
-                query, _, gains = queries[qid]
-                pool = None
-                if num_negatives is not None:
-                    pool = build_pool(gains, all_ids, len(gains) + num_negatives, pool_rng)
-                elif pool_size is not None:
-                    pool = build_pool(gains, all_ids, max(pool_size, len(gains)), pool_rng)
-                samples.append(
-                    Sample(
-                        qid=qid,
-                        request=query,
-                        messages=make_messages(query, system_prompt, user_template),
-                        gains=gains,
-                        pool=pool,
-                    )
-                )
-            splits[name] = samples
-        if pool_size is None and num_negatives is None:
-            catalog = full_catalog
-        else:
-            in_pools = {p for s in splits.values() for sample in s for p in sample.pool or ()}
-            catalog = {p: full_catalog[p] for p in all_ids if p in in_pools}
-        if demos_path is not None:
-            demos = load_demos(demos_path)
-            count = sum(attach_demos(s, demos) for s in splits.values())
-            logger.info("attached %d demonstrations from %s", count, demos_path)
         self.locale = locale
         super().__init__(f"esci-{locale}", catalog, splits)
 
 
-def _query_table(ex) -> dict[str, tuple[str, str, dict[str, float]]]:
-    """query_id -> (query text, file split, gains product id -> gain)."""
-    table: dict[str, tuple[str, str, dict[str, float]]] = {}
+def _check_args(val_fraction, min_exact, max_exact, pool_size, num_negatives) -> None:
+    """Raise a ``ValueError`` naming the first bad constructor argument."""
+    check_val_fraction(val_fraction)
+    if min_exact > max_exact:
+        raise ValueError(f"min_exact ({min_exact}) must be <= max_exact ({max_exact})")
+    check_pool_size(pool_size)
+    if num_negatives is not None and num_negatives < 0:
+        raise ValueError(f"num_negatives must be >= 0 or None, got {num_negatives}")
+
+
+def _field_list(fields: Sequence[str]) -> list[str]:
+    """The product columns as a list; none at all raises a ``ValueError``."""
+    fields = list(fields)
+    if not fields:
+        raise ValueError("product_fields must name at least one product column")
+    return fields
+
+
+def find_file(root: Path, stem: str) -> Path:
+    """``root/stem.parquet`` or ``root/stem.csv`` (also under ``root/shopping_queries_dataset``).
+
+    Raises ``FileNotFoundError`` naming the expected files and where to get them.
+    """
+    for folder in (root, root / "shopping_queries_dataset"):
+        for suffix in (".parquet", ".csv"):
+            if (folder / f"{stem}{suffix}").is_file():
+                return folder / f"{stem}{suffix}"
+    where = "does not exist" if not root.is_dir() else f"has no {stem}.parquet (or .csv)"
+    raise FileNotFoundError(
+        f"ESCI data folder {str(root)!r} {where}. Expected {EXAMPLES}.parquet and "
+        f"{PRODUCTS}.parquet (or .csv copies with the same columns) in it; get them from "
+        f"{SOURCE}."
+    )
+
+
+def read_examples(path: Path, locale: str, small_version: bool):
+    """Step 1: the examples of ``locale`` (and of the small version), ids as strings."""
+    ex, _ = _read(path, EXAMPLE_COLUMNS)
+    _check_values(ex, "esci_label", ESCI_GAINS, path)
+    _check_values(ex, "split", FILE_SPLITS, path)
+    locales = ex["product_locale"].astype(str).str.lower()
+    keep = locales == locale
+    if not keep.any():
+        raise ValueError(
+            f"{path}: no example with product_locale == {locale!r}; the file has "
+            f"{sorted(locales.unique().tolist())}"
+        )
+    log_drop(int((~keep).sum()), f"ESCI examples of other locales than {locale!r}")
+    ex = ex[keep]
+    if small_version:
+        small = _as_int(ex["small_version"], "small_version", path) == 1
+        log_drop(int((~small).sum()), "ESCI examples outside the small version")
+        ex = ex[small]
+    return ex.assign(query_id=ex["query_id"].astype(str), product_id=ex["product_id"].astype(str))
+
+
+def read_products(path: Path, locale: str, fields: list[str]) -> dict[str, str]:
+    """Step 2: product id -> text of every product of ``locale`` that has text in ``fields``."""
+    prod, other = _read(path, ["product_id", "product_locale", *fields], locale)
+    log_drop(other, f"product rows of other locales than {locale!r}")
+    prod = prod.assign(product_id=prod["product_id"].astype(str))
+    prod = drop_duplicate_ids(
+        prod, "product_id", f"duplicate product rows (product_id, locale {locale!r})"
+    )
+    return text_catalog(prod, "product_id", fields, "products")[1]
+
+
+def keep_queries(ex, catalog: dict[str, str], min_exact: int, max_exact: int):
+    """Steps 2-3: drop the examples whose product is not in ``catalog``, then the queries with
+    fewer than ``min_exact`` or more than ``max_exact`` E labels."""
+    known = ex["product_id"].isin(catalog.keys())
+    log_drop(int((~known).sum()), "ESCI examples whose product is missing or has no text")
+    ex = ex[known]
+    num_exact = ex["esci_label"].eq("E").groupby(ex["query_id"]).sum()
+    good = num_exact[(num_exact >= min_exact) & (num_exact <= max_exact)].index
+    log_drop(
+        int(len(num_exact) - len(good)),
+        f"ESCI queries with fewer than {min_exact} or more than {max_exact} E labels",
+    )
+    return ex[ex["query_id"].isin(good)]
+
+
+def _check_left(ex, locale: str, small_version: bool, min_exact: int, max_exact: int) -> None:
+    """Raise a ``ValueError`` naming the filters when no example is left."""
+    if ex.empty:
+        raise ValueError(
+            f"no ESCI query left after the filters (locale={locale!r}, small_version="
+            f"{small_version}, {min_exact}-{max_exact} E labels)"
+        )
+
+
+def query_table(ex) -> dict[str, Query]:
+    """Step 5: query_id -> (query text, file split, gains product id -> gain)."""
+    table: dict[str, Query] = {}
     cols = zip(
         ex["query_id"], ex["query"], ex["split"], ex["product_id"], ex["esci_label"], strict=True
     )
@@ -314,6 +255,77 @@ def _query_table(ex) -> dict[str, tuple[str, str, dict[str, float]]]:
         gains = table[qid][2]
         gains[pid] = max(gains.get(pid, 0.0), ESCI_GAINS[label])
     return table
+
+
+def split_queries(
+    queries: dict[str, Query], val_fraction: float, max_queries: int | None, seed: int
+) -> dict[str, list[str]]:
+    """Step 4: query ids of each split: the file's train/test, a seeded val share of train, and
+    at most ``max_queries`` per split (each split's subset drawn from a fresh ``[seed, 1]``)."""
+    by_split = {s: sorted(q for q, (_, sp, _) in queries.items() if sp == s) for s in FILE_SPLITS}
+    split_ids = split_val(by_split["train"], by_split["test"], val_fraction, seed)
+    if max_queries is None:
+        return split_ids
+    return {
+        name: seeded_subset(ids, max_queries, np.random.default_rng([seed, 1]))
+        for name, ids in split_ids.items()
+    }
+
+
+def _sample(
+    qid: str,
+    rng: np.random.Generator,
+    *,
+    queries: dict[str, Query],
+    all_ids: list[str],
+    pool_size: int | None,
+    num_negatives: int | None,
+    system_prompt: str | None,
+    user_template: str,
+) -> Sample:
+    """Step 6: the sample of one query, with its candidate pool drawn from ``rng``."""
+    query, _, gains = queries[qid]
+    pool = None
+    if num_negatives is not None:
+        pool = build_pool(gains, all_ids, len(gains) + num_negatives, rng)
+    elif pool_size is not None:
+        pool = build_pool(gains, all_ids, max(pool_size, len(gains)), rng)
+    return Sample(
+        qid=qid,
+        request=query,
+        messages=make_messages(query, system_prompt, user_template),
+        gains=gains,
+        pool=pool,
+    )
+
+
+def _read(path: Path, columns: Sequence[str], locale: str | None = None):
+    """Read ``columns`` of a parquet/CSV file (ids and labels as strings).
+
+    Columns missing from the file raise a ``ValueError`` naming them. With ``locale``, only rows
+    whose ``product_locale`` equals it (case-insensitive) are read; for parquet this is a pyarrow
+    filter, so the other locales' rows never reach memory. Returns (frame, rows of other locales).
+    """
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    if path.suffix == ".parquet":
+        require_columns(pq.read_schema(path).names, columns, path)
+        filters, other = None, 0
+        if locale is not None:
+            locales = pd.read_parquet(path, columns=["product_locale"])["product_locale"]
+            match = locales.astype(str).str.lower() == locale
+            other = int((~match).sum())
+            values = sorted(locales[match].unique().tolist()) or [locale]
+            filters = [("product_locale", "in", values)]
+        return pd.read_parquet(path, columns=list(columns), filters=filters), other
+    frame = read_csv(path, columns, [c for c in STR_COLUMNS if c in columns])
+    other = 0
+    if locale is not None:
+        match = frame["product_locale"].astype(str).str.lower() == locale
+        other = int((~match).sum())
+        frame = frame[match]
+    return frame, other
 
 
 def _check_values(frame, column: str, allowed, path: Path) -> None:
@@ -327,6 +339,7 @@ def _check_values(frame, column: str, allowed, path: Path) -> None:
 
 
 def _as_int(col, column: str, path: Path):
+    """``col`` as integers; a non-integer value raises a ``ValueError`` naming it."""
     import pandas as pd
 
     values = pd.to_numeric(col, errors="coerce")
