@@ -2,11 +2,10 @@
 
 python eval.py ckpt_path=outputs/train/<run>/checkpoints/last.ckpt
 python eval.py                       # no checkpoint: the zero-shot policy
-python eval.py eval.do_sample=true eval.retrievers=[bm25,dense]
+python eval.py eval.do_sample=true ~retriever@eval.retrievers.dense   # skip a held-out retriever
 """
 
 import os
-from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,14 +15,12 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 import ospo.config  # noqa: E402,F401  (registers resolvers)
-from ospo.pipeline import run_eval  # noqa: E402
-
-CONF = Path(__file__).resolve().parent / "conf"
+from ospo.evaluate import run_eval  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    run_eval(cfg, HydraConfig.get().runtime.output_dir, CONF)
+    run_eval(cfg, HydraConfig.get().runtime.output_dir)
 
 
 if __name__ == "__main__":

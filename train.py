@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 import ospo.config  # noqa: E402,F401  (registers resolvers)
-from ospo.pipeline import run_train  # noqa: E402
+from ospo.rl import run_train  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

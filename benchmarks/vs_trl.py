@@ -1,6 +1,6 @@
 """Our GRPO step against TRL's `GRPOTrainer` on the same tiny policy, task and reward.
 
-Both sides train the same tiny GPT-2 (`ospo.policy.build_tiny`, built as `ospo.pipeline` builds
+Both sides train the same tiny GPT-2 (`ospo.policy.build_tiny`, built as `ospo.build` builds
 `model=tiny`, saved to a temporary folder that TRL loads by path, with the same tokenizer) on the
 embedded shop task with the same reward (BM25 NDCG@10 from `ospo.reward`; for TRL a reward
 function of the completions and each row's `qid`). Same work per step on both sides:
@@ -14,10 +14,12 @@ function of the completions and each row's `qid`). Same work per step on both si
 * the same requests in the same order (TRL: `shuffle_dataset=False`); TRL with no logging,
   evaluation, saving, gradient checkpointing or progress bar.
 
-Our step is `RLModule.training_step`'s sequence of public calls, made as it makes them:
-`Policy.generate(..., num_generations=G)`, `Reward.score_texts`, `ospo.advantage.GRPO`,
-`Policy.token_logprobs(..., with_entropy=True, group_size=G)`, `ospo.loss.policy_loss`,
-backward, clip, AdamW. Where it does the same work differently from TRL's:
+Our step is `ospo.step.RLStep`, the object `RLModule.training_step` calls, built from the config
+(`baseline=grpo`, `rl.*` set to the settings above; the LR schedule is made constant with
+`rl.warmup_steps=0 rl.min_lr_ratio=1`): `Policy.generate(..., num_generations=G)`,
+`Reward.score_texts`, `ospo.advantage.GRPO`, `Policy.token_logprobs(..., with_entropy=True,
+group_size=G)`, `ospo.loss.PolicyLoss`, backward, clip, AdamW. Its stage times are the ones
+`RLStep` records. Where it does the same work differently from TRL's:
 
 * one prompt pass per request: the G completions of a request share its prompt, and a causal
   LM's states over the prompt do not depend on what follows, so `Policy.generate` prefills each
@@ -56,14 +58,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
-from ospo.advantage import GRPO  # noqa: E402
+from ospo.build import build_baseline, build_data, build_policy, build_reward  # noqa: E402
 from ospo.config import compose_config  # noqa: E402  (also registers the resolvers)
-from ospo.loss import policy_loss  # noqa: E402
-from ospo.module import step_seed  # noqa: E402
-from ospo.pipeline import base_policy, build_data, build_reward  # noqa: E402
 from ospo.policy import Policy  # noqa: E402
+from ospo.step import RLStep, Sampling, backward, clip_grad_norm, step_seed  # noqa: E402
 
 PROMPTS, GENERATIONS, NEW_TOKENS = 8, 8, 32
 LR, GRAD_CLIP, EPS_LOW, EPS_HIGH = 5e-5, 1.0, 0.2, 0.28
@@ -93,15 +94,20 @@ class Timer:
 
 
 class Ours:
-    """Our GRPO step on a Policy (RLModule.training_step's order, mu = 1, beta = 0, float32)."""
+    """Our GRPO step: `ospo.step.RLStep` on a Policy (mu = 1, beta = 0, float32)."""
 
-    def __init__(self, policy: Policy, reward):
-        self.policy, self.reward = policy, reward
+    def __init__(self, cfg, policy: Policy, reward):
+        self.policy = policy
         self.timer = tm = Timer()
-        self.params = [p for p in policy.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=LR, weight_decay=0.0)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda _: 1.0)
-        self.advantage = GRPO(scale="group")
+        params = [p for p in policy.parameters() if p.requires_grad]
+        self.opt = instantiate(cfg.rl.optimizer)(params)
+        self.sched = instantiate(cfg.rl.scheduler)(self.opt)
+        # timers around the step's own calls (the step itself is not re-implemented)
+        self.clip = tm.wrap("clip", clip_grad_norm(cfg.rl.grad_clip))
+        self.backward = tm.wrap("backward", backward)
+        policy.token_logprobs = tm.wrap("forward+loss", policy.token_logprobs)
+        sampling = Sampling(cfg.rl.max_new_tokens, cfg.rl.temperature, cfg.rl.top_p)
+        self.step_fn = RLStep(policy, reward, build_baseline(cfg), sampling, cfg.rl.num_generations)
         generate = policy.model.generate
 
         def forced(*args, **kwargs):  # exactly NEW_TOKENS tokens, as TRL's min_new_tokens
@@ -111,61 +117,15 @@ class Ours:
         policy.train()
 
     def step(self, prompts, seed: int) -> dict[str, float]:
-        tm, G = self.timer, GENERATIONS
-        samples = [s for s in prompts for _ in range(G)]  # N = B * G, prompt-major
-        t_step = time.perf_counter()
-        torch.manual_seed(seed)
-        t0 = time.perf_counter()
-        ro = self.policy.generate(
-            [s.messages for s in prompts],
-            num_generations=G,
-            max_new_tokens=NEW_TOKENS,
-            temperature=1.0,
-            top_p=1.0,
+        out = self.step_fn(
+            prompts, seed, self.opt, self.sched, backward=self.backward, clip=self.clip
         )
-        tm.now["generate"] += time.perf_counter() - t0
-        if int(ro.completion_mask.sum()) != len(samples) * NEW_TOKENS:
-            raise RuntimeError("a completion stopped before max_new_tokens")
-        mask = ro.completion_mask.float()  # (N, T)
-
-        t0 = time.perf_counter()
-        self.reward.clear_cache()
-        rewards = self.reward.score_texts(ro.texts, samples)  # (N,)
-        tm.now["reward"] += time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        adv = self.advantage(rewards, G, ro.completion_mask).to(mask)  # (N, T)
-        tm.now["advantage"] += time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        args = (ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask)
-        # (N, T) x2; one prompt pass per request, as RLModule.training_step
-        logp, entropy = self.policy.token_logprobs(*args, with_entropy=True, group_size=G)
-        loss, _ = policy_loss(
-            logp,
-            logp.detach(),
-            adv,
-            mask,
-            eps_low=EPS_LOW,
-            eps_high=EPS_HIGH,
-            aggregation="token_mean",
-            max_completion_length=NEW_TOKENS,
-            entropy=entropy.detach(),
-        )
-        tm.now["forward+loss"] += time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        self.opt.zero_grad()
-        loss.backward()
-        tm.now["backward"] += time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP)
-        self.opt.step()
-        self.sched.step()
-        tm.now["clip+optimizer"] += time.perf_counter() - t0
-        tm.now["step"] = time.perf_counter() - t_step
-        return tm.take()
+        row = self.timer.take()
+        row.update(out.seconds)
+        # EOS is masked until NEW_TOKENS tokens, so every completion should have all of them;
+        # report the count rather than assume it.
+        row["tokens"] = float(out.rollouts.completion_mask.sum())
+        return row
 
 
 class Alternate(TrainerCallback):
@@ -287,18 +247,37 @@ def main() -> None:
     if a.steps <= SKIP:
         raise SystemExit(f"--steps must exceed the {SKIP} warm-up steps, got {a.steps}")
 
-    cfg = compose_config(["model=tiny", f"seed={a.seed}"])
+    cfg = compose_config(
+        [
+            "model=tiny",
+            "baseline=grpo",
+            f"baseline.loss.eps_low={EPS_LOW}",
+            f"baseline.loss.eps_high={EPS_HIGH}",
+            "baseline.loss.aggregation=token_mean",
+            f"seed={a.seed}",
+            f"rl.prompts_per_step={PROMPTS}",
+            f"rl.num_generations={GENERATIONS}",
+            f"rl.max_new_tokens={NEW_TOKENS}",
+            "rl.temperature=1.0",
+            "rl.top_p=1.0",
+            f"rl.lr={LR}",
+            "rl.weight_decay=0.0",
+            "rl.warmup_steps=0",
+            "rl.min_lr_ratio=1.0",  # a constant learning rate, as TRL's "constant"
+            f"rl.grad_clip={GRAD_CLIP}",
+        ]
+    )
     data = build_data(cfg)
     train = data.splits["train"][: PROMPTS * a.steps]
     reward = build_reward(cfg.retriever, cfg.reward, data.catalog)
     torch.manual_seed(a.seed)
-    policy = base_policy(cfg, data)
+    policy = build_policy(cfg.model, data)
     import trl
 
     with tempfile.TemporaryDirectory(prefix="ospo_vs_trl_") as tmp:
         folder = Path(tmp)
         policy.save(folder / "policy")
-        ours = Ours(policy, reward)
+        ours = Ours(cfg, policy, reward)
         trl_timer = Timer()
         trainer = make_trainer(folder, train, reward, a.steps, a.seed, trl_timer)
         alt = Alternate(ours, trl_timer, train, a.seed)
@@ -322,9 +301,11 @@ def main() -> None:
         "prepare (gen+reward+adv)",
         "forward+loss",
         "backward",
-        "clip+optimizer",
+        "clip",
         "optimizer",
+        "update",
         "step",
+        "tokens",
     ]
     for stage in stages:
         cells = [m.get(stage) for m in med.values()]
@@ -334,10 +315,12 @@ def main() -> None:
                 + "".join(f"{c:9.3f}" if c is not None else f"{'-':>9}" for c in cells)
             )
     print(
-        "ours `generate` = Policy.generate (prompt encoding, one prefill per request, "
+        "ours `generate` = RLStep's rollout (prompt encoding, one prefill per request, "
         "model.generate, decode + token spans); TRL `generate` = GRPOTrainer._generate "
-        "(templating, model.generate, decode); TRL `optimizer` = optimizer.step only (its grad "
-        "clip is in no stage)"
+        "(templating, model.generate, decode); ours `forward+loss` = Policy.token_logprobs "
+        "(the loss itself is inside `update`), `update` = log-probs, loss, backward, clip, "
+        "AdamW and LR steps; TRL `optimizer` = optimizer.step only (its grad clip is in no "
+        "stage); `tokens` = completion tokens per step (ours)"
     )
     trl_s = med["TRL"]["step"]
     print(f"ours_over_trl={med['ours']['step'] / trl_s:.3f}")

@@ -227,23 +227,25 @@ def _reward_stats(r: Tensor, adv: Tensor, group_size: int) -> dict[str, float]:
 class GRPO:
     """Sequence-level credit: every valid token of completion i gets A_i (DESIGN.md section 2).
 
-    After each call `last_stats` holds frac_reward_zero_std, reward_mean, reward_std,
-    adv_abs_mean and adv_std (python floats)."""
+    Returns the (N, T) advantages and their stats: frac_reward_zero_std, reward_mean,
+    reward_std, adv_abs_mean and adv_std (python floats). Needs no segment credit."""
+
+    needs_credit = False
 
     def __init__(self, scale: str = "group", eps: float = 1e-4):
         _check_choice("scale", scale, SCALES)
         self.scale = scale
         self.eps = eps
-        self.last_stats: dict[str, float] = {}
 
-    def __call__(self, rewards, group_size: int, completion_mask: Tensor, **_) -> Tensor:
+    def __call__(
+        self, rewards, group_size: int, completion_mask: Tensor, **_
+    ) -> tuple[Tensor, dict[str, float]]:
         r = _as_rewards(rewards)  # (N,)
         mask = torch.as_tensor(completion_mask)
         _check_mask(mask, r.numel())
         adv = group_advantages(r, group_size, self.scale, self.eps)  # (N,)
-        self.last_stats = _reward_stats(r, adv, group_size)
         out = adv[:, None] * (mask.cpu() != 0).to(torch.float32)  # (N, T), 0 on padding
-        return out.to(mask.device)
+        return out.to(mask.device), _reward_stats(r, adv, group_size)
 
 
 class OSPO:
@@ -254,8 +256,11 @@ class OSPO:
     uniform A_i when its reward is 0, it has no segments, or its phi is missing, all zero or
     not finite. With `clip_kappa`, token advantages are clipped (after redistribution, on every
     row) to +-clip_kappa * std of the batch's A_i (unbiased std; skipped when it is undefined);
-    clipping may break the exact mean. `last_stats` adds frac_fallback and frac_clipped.
+    clipping may break the exact mean. Returns the (N, T) advantages and GRPO's stats plus
+    frac_fallback and frac_clipped. Needs the segment credit of every completion.
     """
+
+    needs_credit = True
 
     def __init__(
         self,
@@ -276,7 +281,6 @@ class OSPO:
         self.weighting = weighting
         self.alpha = alpha
         self.clip_kappa = clip_kappa
-        self.last_stats: dict[str, float] = {}
 
     def __call__(
         self,
@@ -287,7 +291,7 @@ class OSPO:
         segmentations: Sequence,
         phis: Sequence,
         **_,
-    ) -> Tensor:
+    ) -> tuple[Tensor, dict[str, float]]:
         r = _as_rewards(rewards)  # (N,)
         mask = torch.as_tensor(completion_mask)
         n_rows = r.numel()
@@ -339,10 +343,10 @@ class OSPO:
             clipped = valid & (out.abs() > bound)
             frac_clipped = float(clipped.sum()) / max(int(valid.sum()), 1)
             out = out.clamp(-bound, bound)
-        self.last_stats = _reward_stats(r, adv, group_size)
-        self.last_stats["frac_fallback"] = fallbacks / max(n_rows, 1)
-        self.last_stats["frac_clipped"] = frac_clipped
-        return out.to(mask.device)
+        stats = _reward_stats(r, adv, group_size)
+        stats["frac_fallback"] = fallbacks / max(n_rows, 1)
+        stats["frac_clipped"] = frac_clipped
+        return out.to(mask.device), stats
 
 
 def _check_mask(mask: Tensor, n_rows: int) -> None:

@@ -33,6 +33,7 @@ MAX_PLAYERS = 62
 
 __all__ = [
     "AttributionBudgetError",
+    "CountingValueFn",
     "MAX_PLAYERS",
     "Owen",
     "Shapley",
@@ -376,14 +377,16 @@ class _Exact:
         return self._exact(value_fn, unions)
 
     def _monte_carlo(self, value_fn: ValueFn, n: int) -> np.ndarray:
-        counter = _CountingValueFn(value_fn)
+        counter = CountingValueFn(value_fn)
         phi = mc_shapley_values(counter, n, self.num_permutations, self.rng)
         self.last_num_coalitions = counter.rows
         return phi
 
 
-class _CountingValueFn:
-    """Wraps a value function and records the number of rows it was asked for."""
+class CountingValueFn:
+    """A value function that counts the coalitions (mask rows) it is asked to score: the one
+    coalition counter (attribution fall-backs, the RL step's `credit/coalitions`, the
+    faithfulness table)."""
 
     def __init__(self, value_fn: ValueFn):
         self.value_fn = value_fn
@@ -448,7 +451,7 @@ class ShapleyMC:
         if n == 0:
             self.last_num_coalitions = 0
             return np.zeros(0, dtype=np.float64)
-        counter = _CountingValueFn(value_fn)
+        counter = CountingValueFn(value_fn)
         phi = mc_shapley_values(counter, n, self.num_permutations, self.rng)
         self.last_num_coalitions = counter.rows
         return phi

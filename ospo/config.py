@@ -1,4 +1,5 @@
-"""Config helpers: OmegaConf resolvers and the checks that run before any model loads."""
+"""Config helpers: OmegaConf resolvers, composing the config outside a Hydra app, the checks
+that run before anything is built, and the hash that names a warm-up cache entry."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 if not OmegaConf.has_resolver("mul"):
@@ -33,26 +35,17 @@ class ConfigError(ValueError):
     """An inconsistent or incomplete configuration (named key, what was expected)."""
 
 
-_DATA_HELP = {
-    "esci": "the folder holding shopping_queries_dataset_examples.parquet and "
-    "shopping_queries_dataset_products.parquet (github.com/amazon-science/esci-data, "
-    "folder shopping_queries_dataset/)",
-    "hm": "the folder holding articles.csv, customers.csv and transactions_train.csv "
-    "(kaggle.com/competitions/h-and-m-personalized-fashion-recommendations)",
-}
-
-
-def _target(node) -> str:
-    return str(node.get("_target_", "")) if node is not None else ""
-
-
 def validate(cfg: DictConfig) -> None:
-    """Fail fast, naming the key, on choices that cannot work together."""
-    data_name = _target(cfg.data).rsplit(".", 1)[-1].lower().replace("data", "")
+    """Fail fast, naming the key, on values that cannot work, before anything is built.
+
+    The options check themselves when they are built (a data loader its files, an exact
+    attribution its budget in `ospo.build.build_credit`); this checks the keys of the run.
+    """
     if "root" in cfg.data.keys() and OmegaConf.is_missing(cfg.data, "root"):
+        data_cls = get_class(cfg.data._target_)
         raise ConfigError(
-            f"data.root is required for data={data_name}: set data.root=<path>, "
-            f"{_DATA_HELP.get(data_name, 'the data folder')}"
+            f"data.root is required for data={data_cls.config_name}: set data.root=<path>, "
+            f"{data_cls.root_help}"
         )
     if "name" in cfg.model.keys() and OmegaConf.is_missing(cfg.model, "name"):
         raise ConfigError("model.name is required for model=hf: a model name or a local folder")
@@ -71,24 +64,6 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"rl.{key}={rl[key]}: expected a positive integer")
     if cfg.baseline.mu < 1:
         raise ConfigError(f"baseline.mu={cfg.baseline.mu}: expected at least 1 update per batch")
-    if cfg.baseline.credit:
-        _check_attribution_budget(cfg)
-
-
-def _check_attribution_budget(cfg: DictConfig) -> None:
-    """An exact attribution must afford the segmenter's worst case, or be allowed to fall back."""
-    att = cfg.attribution
-    if "max_coalitions" not in att or att.get("fallback", False):
-        return
-    n = int(cfg.segmenter.max_segments)
-    worst = 2**n  # one union or all singletons: every subset of the n players
-    if worst > att.max_coalitions:
-        raise ConfigError(
-            f"attribution.max_coalitions={att.max_coalitions} is below the worst case of "
-            f"segmenter.max_segments={n} ({worst} coalitions for {_target(att)}): lower "
-            f"segmenter.max_segments, raise attribution.max_coalitions, or set "
-            f"attribution.fallback=true (Monte-Carlo past the budget)"
-        )
 
 
 def config_hash(*nodes) -> str:

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from ospo.attribution import mc_shapley_values, owen_values, shapley_values
+from ospo.attribution import CountingValueFn, mc_shapley_values, owen_values, shapley_values
 from ospo.report import mean_ci
 from ospo.retriever import tokenize
 
@@ -170,18 +170,6 @@ def make_completion(
     return " ".join([sample.request, *words])
 
 
-class _Counting:
-    """Value function wrapper that records the number of coalitions of its last call."""
-
-    def __init__(self, value_fn: Callable[[np.ndarray], np.ndarray]):
-        self.value_fn = value_fn
-        self.rows = 0
-
-    def __call__(self, masks: np.ndarray) -> np.ndarray:
-        self.rows = int(masks.shape[0])
-        return self.value_fn(masks)
-
-
 def attribute(
     value_fn: Callable[[np.ndarray], np.ndarray],
     unions: Sequence[Sequence[int]],
@@ -195,18 +183,20 @@ def attribute(
     ``rng_seed`` seeds the Monte-Carlo permutations and the random credit.
     """
     n = sum(len(u) for u in unions)
-    counting = _Counting(value_fn)
     ends = value_fn(np.array([np.zeros(n, dtype=bool), np.ones(n, dtype=bool)]))  # (2,)
     phi: dict[str, np.ndarray] = {}
     coalitions: dict[str, int] = {}
-    phi["owen"] = owen_values(counting, unions)
-    coalitions["owen"] = counting.rows
-    phi["shapley"] = shapley_values(counting, n)
-    coalitions["shapley"] = counting.rows
+
+    def run(name: str, method: Callable[[CountingValueFn], np.ndarray]) -> None:
+        counter = CountingValueFn(value_fn)
+        phi[name] = method(counter)
+        coalitions[name] = counter.rows
+
+    run("owen", lambda fn: owen_values(fn, unions))
+    run("shapley", lambda fn: shapley_values(fn, n))
     for p in permutations:
         rng = np.random.default_rng([*rng_seed, 2, p])
-        phi[f"mc{p}"] = mc_shapley_values(counting, n, p, rng)
-        coalitions[f"mc{p}"] = counting.rows
+        run(f"mc{p}", lambda fn, p=p, rng=rng: mc_shapley_values(fn, n, p, rng))
     phi["random"] = np.random.default_rng([*rng_seed, 1]).standard_normal(n)  # (n,)
     coalitions["random"] = 0
     return {"phi": phi, "coalitions": coalitions, "v_empty": ends[0], "v_full": ends[1]}

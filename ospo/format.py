@@ -110,22 +110,26 @@ def _phrase_regex(phrase: str) -> re.Pattern:
     return re.compile(head + re.escape(p) + tail, re.IGNORECASE)
 
 
+def format_ok(
+    texts: Sequence[str], ended: Sequence[bool] | None = None, check: FormatCheck | None = None
+) -> list[bool]:
+    """Whether each of `texts` passes `check` (default FormatCheck()): the one place that
+    applies the check to a batch. `ended` (did generation stop at EOS) defaults to all True,
+    e.g. for reference texts that were not generated."""
+    check = check or FormatCheck()
+    texts = list(texts)
+    ended = [True] * len(texts) if ended is None else [bool(e) for e in ended]
+    if len(ended) != len(texts):
+        raise ValueError(f"len(ended)={len(ended)} != len(texts)={len(texts)}")
+    return [check(t, e) for t, e in zip(texts, ended, strict=True)]
+
+
 def format_ok_rate(
     texts: Sequence[str], ended: Sequence[bool] | None = None, check: FormatCheck | None = None
 ) -> float:
-    """Fraction of `texts` that pass `check` (default FormatCheck()); `ended` defaults to all
-    True (e.g. for reference texts that were not generated). 0.0 for no texts."""
-    check = check or FormatCheck()
-    texts = list(texts)
-    if ended is None:
-        ended = [True] * len(texts)
-    else:
-        ended = [bool(e) for e in ended]
-    if len(ended) != len(texts):
-        raise ValueError(f"len(ended)={len(ended)} != len(texts)={len(texts)}")
-    if not texts:
-        return 0.0
-    return sum(check(t, e) for t, e in zip(texts, ended, strict=True)) / len(texts)
+    """Fraction of `texts` that pass (`format_ok`); 0.0 for no texts."""
+    flags = format_ok(texts, ended, check)
+    return sum(flags) / len(flags) if flags else 0.0
 
 
-__all__ = ["DEFAULT_BANNED_PHRASES", "FormatCheck", "format_ok_rate"]
+__all__ = ["DEFAULT_BANNED_PHRASES", "FormatCheck", "format_ok", "format_ok_rate"]

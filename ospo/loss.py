@@ -129,3 +129,54 @@ def entropy_from_logits(logits: Tensor, chunk_size: int = 8) -> Tensor:
     if not out:
         return logits.new_zeros(logits.shape[:2], dtype=torch.float32)
     return torch.cat(out, dim=0)
+
+
+class PolicyLoss:
+    """The loss settings of a method (`baseline.loss`), applied by `policy_loss`.
+
+    `needs_reference` says whether the step must score a frozen reference policy (beta > 0).
+    """
+
+    def __init__(
+        self,
+        eps_low: float = 0.2,
+        eps_high: float = 0.2,
+        beta: float = 0.0,
+        aggregation: str = "token_mean",
+        max_completion_length: int | None = None,
+    ):
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(
+                f"unknown aggregation {aggregation!r}; expected one of {', '.join(AGGREGATIONS)}"
+            )
+        self.eps_low, self.eps_high, self.beta = eps_low, eps_high, beta
+        self.aggregation = aggregation
+        self.max_completion_length = max_completion_length
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.beta > 0
+
+    def __call__(
+        self,
+        logp: Tensor,
+        old_logp: Tensor,
+        advantages: Tensor,
+        mask: Tensor,
+        ref_logp: Tensor | None = None,
+        entropy: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """`policy_loss` with these settings; all tensors (N, T)."""
+        return policy_loss(
+            logp,
+            old_logp,
+            advantages,
+            mask,
+            eps_low=self.eps_low,
+            eps_high=self.eps_high,
+            beta=self.beta,
+            ref_logp=ref_logp,
+            aggregation=self.aggregation,
+            max_completion_length=self.max_completion_length,
+            entropy=entropy,
+        )

@@ -226,25 +226,25 @@ def random_batch(seed, n_groups=3, group_size=4, max_len=14, zero_rewards=False)
 def test_grpo_broadcasts_over_valid_tokens():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]])
     grpo = GRPO(scale="none")
-    out = grpo([1.0, 0.0, 0.5, 0.5], 2, mask)
+    out, stats = grpo([1.0, 0.0, 0.5, 0.5], 2, mask)
     expected = torch.tensor([[0.5, 0.5, 0.0], [-0.5, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     assert torch.equal(out, expected)
-    assert grpo.last_stats["frac_reward_zero_std"] == 0.5
-    assert set(grpo.last_stats) >= {"frac_reward_zero_std", "adv_std", "reward_mean"}
+    assert stats["frac_reward_zero_std"] == 0.5
+    assert set(stats) >= {"frac_reward_zero_std", "adv_std", "reward_mean"}
 
 
 @pytest.mark.parametrize("mode", WEIGHTINGS)
 def test_ospo_uniform_credit_equals_grpo_exactly(mode):
     rewards, g, mask, spans, segs, phis = random_batch(0)
-    grpo = GRPO()(rewards, g, mask)
+    grpo = GRPO()(rewards, g, mask)[0]
     equal_phis = [np.full(len(p), 0.37) for p in phis]
-    out = OSPO(weighting=mode)(rewards, g, mask, spans, segs, equal_phis)
+    out = OSPO(weighting=mode)(rewards, g, mask, spans, segs, equal_phis)[0]
     assert torch.equal(out, grpo)
     # one segment covering the whole text: every token covered with the same credit
     whole = [
         seg([(0, max(e for _, e in s))]) if max(e for _, e in s) > 0 else seg([]) for s in spans
     ]
-    out = OSPO(weighting=mode)(rewards, g, mask, spans, whole, [np.array([0.8])] * len(whole))
+    out = OSPO(weighting=mode)(rewards, g, mask, spans, whole, [np.array([0.8])] * len(whole))[0]
     assert torch.equal(out, grpo)
 
 
@@ -254,7 +254,7 @@ def test_ospo_preserves_mean_token_advantage(mode, scale):
     for seed in range(4):
         rewards, g, mask, spans, segs, phis = random_batch(seed)
         seq_adv = group_advantages(rewards, g, scale=scale)
-        out = OSPO(scale=scale, weighting=mode)(rewards, g, mask, spans, segs, phis)
+        out = OSPO(scale=scale, weighting=mode)(rewards, g, mask, spans, segs, phis)[0]
         m = mask.float()
         mean_tok = (out * m).sum(1) / m.sum(1)
         torch.testing.assert_close(mean_tok, seq_adv, atol=1e-5, rtol=1e-5)
@@ -267,12 +267,12 @@ def test_ospo_moves_advantage_to_high_credit_tokens():
     # one group of two identical texts; rewards 1 (A > 0) and 0.5 (A < 0)
     mask = torch.ones(2, len(TOKENS), dtype=torch.long)
     spans, segs, phis = [TOKENS] * 2, [seg(SEGS)] * 2, [np.array(PHI)] * 2
-    out = OSPO(scale="none", weighting="hybrid")([1.0, 0.5], 2, mask, spans, segs, phis)
+    out = OSPO(scale="none", weighting="hybrid")([1.0, 0.5], 2, mask, spans, segs, phis)[0]
     u = _weights("hybrid").double()
     torch.testing.assert_close(out[0], (0.25 * u / u.mean()).float())
     assert out[0, 5] > out[0, 0] > out[0, 2] > 0  # kids > warm red > socks
     # signed: the negative completion's blame goes to the lowest-phi segment ("socks")
-    out = OSPO(scale="none", weighting="signed")([1.0, 0.5], 2, mask, spans, segs, phis)
+    out = OSPO(scale="none", weighting="signed")([1.0, 0.5], 2, mask, spans, segs, phis)[0]
     assert out[1, 2] < out[1, 0] < out[1, 5] < 0
     torch.testing.assert_close(out[1, 4], torch.tensor(-0.25))  # glue keeps ~A_i
     torch.testing.assert_close(out[1].mean(), torch.tensor(-0.25))
@@ -282,12 +282,12 @@ def test_ospo_clipping_bounds():
     rewards, g, mask, spans, segs, phis = random_batch(1)
     kappa = 0.8
     ospo = OSPO(weighting="prop", clip_kappa=kappa)
-    out = ospo(rewards, g, mask, spans, segs, phis)
+    out, stats = ospo(rewards, g, mask, spans, segs, phis)
     bound = kappa * float(group_advantages(rewards, g).std())
     assert out.abs().max() <= bound + 1e-6
     assert (out.abs() >= bound - 1e-6).any()  # something hit the bound
-    assert ospo.last_stats["frac_clipped"] > 0
-    unclipped = OSPO(weighting="prop")(rewards, g, mask, spans, segs, phis)
+    assert stats["frac_clipped"] > 0
+    unclipped = OSPO(weighting="prop")(rewards, g, mask, spans, segs, phis)[0]
     torch.testing.assert_close(out, unclipped.clamp(-bound, bound))
     with pytest.raises(ValueError, match="clip_kappa"):
         OSPO(clip_kappa=0.0)
@@ -300,12 +300,12 @@ def test_ospo_fallback_rows_equal_grpo():
     phis[2] = np.zeros_like(phis[2])  # all-zero phi
     phis[3] = np.full_like(phis[3], np.nan)  # NaN phi
     phis[4], segs[4] = None, None  # missing
-    grpo = GRPO()(rewards, g, mask)
+    grpo = GRPO()(rewards, g, mask)[0]
     ospo = OSPO(weighting="prop")
-    out = ospo(rewards, g, mask, spans, segs, phis)
+    out, stats = ospo(rewards, g, mask, spans, segs, phis)
     for i in range(5):
         assert torch.equal(out[i], grpo[i]), i
-    assert ospo.last_stats["frac_fallback"] >= 5 / 12
+    assert stats["frac_fallback"] >= 5 / 12
 
 
 @pytest.mark.parametrize("mode", WEIGHTINGS)
@@ -335,7 +335,7 @@ def test_ospo_never_nan_on_adversarial_inputs(mode, kappa):
     )
     batches.append(([1.0], 1, one[:1], [[(0, 3)]], [seg([(0, 3)])], [np.array([1.0])]))
     for rewards, g_, m, sp, sg, ph in batches:
-        out = ospo(rewards, g_, m, sp, sg, ph)
+        out, _ = ospo(rewards, g_, m, sp, sg, ph)
         assert torch.isfinite(out).all()
         assert torch.equal(out[m == 0], torch.zeros(int((m == 0).sum())))
 

@@ -6,6 +6,9 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from ospo.attribution import AttributionBudgetError
+from ospo.baseline import Baseline
+from ospo.build import build_credit
 from ospo.config import ConfigError, validate
 from ospo.data.shop import ShopData
 
@@ -69,7 +72,10 @@ def test_instantiate_light_options(make_cfg, tmp_path):
             s = shop.splits["test"][0]
             assert reward.score_texts([s.request], [s]).shape == (1,)
     for opt in options("baseline"):
-        instantiate(make_cfg([f"baseline={opt}"]).baseline.advantage)
+        baseline = instantiate(make_cfg([f"baseline={opt}"]).baseline)
+        assert isinstance(baseline, Baseline) and baseline.name == opt
+        assert baseline.needs_credit == (opt == "ospo")
+        assert baseline.loss.max_completion_length == 40  # ${rl.max_new_tokens}
     for opt in options("logger"):
         cfg = make_cfg([f"logger={opt}"])
         for c in cfg.logger.values():
@@ -100,7 +106,7 @@ def test_variants_pick_the_compared_methods(make_cfg):
     assert cfg.baseline.name == "ospo" and cfg.attribution._target_.endswith("ShapleyMC")
     assert cfg.rl.steps == 20 and "dense" in cfg.eval.retrievers
     cfg = make_cfg(["experiment=compare_shop", "variant=grpo"])
-    assert cfg.baseline.name == "grpo" and not cfg.baseline.credit
+    assert cfg.baseline.name == "grpo" and not instantiate(cfg.baseline).needs_credit
     cfg = make_cfg(["variant=ospo_owen_sentence"])
     assert cfg.segmenter._target_.endswith("SentenceSegmenter")
 
@@ -117,12 +123,17 @@ def test_hf_requires_name(make_cfg):
 
 
 def test_exact_attribution_over_budget_fails_before_loading(make_cfg):
-    cfg = make_cfg(["segmenter.max_segments=14", "attribution.max_coalitions=4096"])
-    with pytest.raises(ConfigError, match=r"segmenter.max_segments=14 \(16384 coalitions"):
-        validate(cfg)
-    validate(make_cfg(["segmenter.max_segments=14", "attribution.fallback=true"]))
-    validate(make_cfg(["segmenter.max_segments=14", "attribution=shapley_mc"]))
-    validate(make_cfg(["segmenter.max_segments=14", "baseline=grpo"]))
+    """`build_credit` runs before the policy loads (ospo.rl.run_train)."""
+
+    def build(overrides):
+        cfg = make_cfg(overrides)
+        return build_credit(cfg, instantiate(cfg.baseline))
+
+    with pytest.raises(AttributionBudgetError, match=r"n=14 players .* needs 16384 coalitions"):
+        build(["segmenter.max_segments=14", "attribution.max_coalitions=4096"])
+    build(["segmenter.max_segments=14", "attribution.fallback=true"])
+    build(["segmenter.max_segments=14", "attribution=shapley_mc"])
+    build(["segmenter.max_segments=14", "baseline=grpo"])
 
 
 def test_bad_values_name_the_key(make_cfg):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import ospo.policy as policy_mod
-from ospo.data.demos import best_demo, rejection_sample_demos
+import ospo.policy.logprobs as logprobs_mod
+from ospo.demos import best_demo, rejection_sample_demos
 from ospo.policy import Policy, Rollouts, build_tiny, load_hf, token_char_spans
 
 TEXTS = [
@@ -283,7 +284,7 @@ def test_token_logprobs_chunked_matches_and_grads(tiny, monkeypatch):
     grads = [p.grad.clone() for p in tiny.parameters()]
     tiny.zero_grad()
     V, T = len(tiny.tokenizer), r.completion_ids.shape[1]
-    monkeypatch.setattr(policy_mod, "_MAX_LOGITS", 2 * T * V)  # 2 rows per chunk
+    monkeypatch.setattr(logprobs_mod, "_MAX_LOGITS", 2 * T * V)  # 2 rows per chunk
     lp_c, ent_c = tiny.token_logprobs(*args, with_entropy=True)
     (lp_c.sum() + ent_c.sum()).backward()
     assert torch.allclose(lp, lp_c, atol=1e-6) and torch.allclose(ent, ent_c, atol=1e-6)
@@ -580,7 +581,7 @@ def test_rejection_sample_demos_writes_best_per_request(tiny, tmp_path):
 @pytest.mark.slow
 def test_demos_command_line(tmp_path):
     from ospo.data import load_demos
-    from ospo.data.demos import main
+    from ospo.demos import main
 
     out = tmp_path / "demos.jsonl"
     stats = main(

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ospo.pipeline import run_eval, run_train
+from ospo.evaluate import run_eval
+from ospo.rl import run_train
 
 from .conftest import CONF, ROOT, TINY
 
@@ -51,11 +52,16 @@ def test_tiny_run_end_to_end(make_cfg, tmp_path):
 
     # eval.py on the checkpoint: results.json and results.md, BM25 variants side by side.
     ecfg = make_cfg(
-        TINY + [f"ckpt_path={last}", "eval.retrievers=[bm25,bm25_plus]"],
+        TINY
+        + [
+            f"ckpt_path={last}",
+            "~retriever@eval.retrievers.bm25_l",
+            "~retriever@eval.retrievers.dense",
+        ],
         name="eval",
         run_dir=tmp_path / "eval",
     )
-    results = run_eval(ecfg, tmp_path / "eval", CONF)
+    results = run_eval(ecfg, tmp_path / "eval")
     assert set(results["retrievers"]) == {"bm25", "bm25_plus"}
     assert (tmp_path / "eval" / "results.md").read_text().count("|") > 8
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["n"] == 4
@@ -95,7 +101,7 @@ def test_resume_matches_straight_run(make_cfg, tmp_path):
 def test_missing_checkpoint_is_named(make_cfg, tmp_path):
     cfg = make_cfg(TINY + ["ckpt_path=/nope/last.ckpt"], name="eval")
     with pytest.raises(FileNotFoundError, match="/nope/last.ckpt"):
-        run_eval(cfg, tmp_path / "e", CONF)
+        run_eval(cfg, tmp_path / "e")
 
 
 def _run(args, cwd, timeout=900):

@@ -66,8 +66,13 @@ class Sample:
 class Dataset:
     """A catalog plus train/val/test splits of :class:`Sample`.
 
-    Subclasses build ``catalog`` and ``splits`` and call ``Dataset.__init__``.
+    Subclasses build ``catalog`` and ``splits`` and call ``Dataset.__init__``. Loaders of
+    files name their config option and say where the files come from, for the error a
+    missing ``data.root`` raises before anything is read (``ospo.config.validate``).
     """
+
+    config_name: str = ""  # the `data` option that builds this class
+    root_help: str = "the data folder"  # what `data.root` must hold, and where to get it
 
     def __init__(self, name: str, catalog: dict[str, str], splits: dict[str, list[Sample]]):
         missing = [s for s in SPLITS if s not in splits]

@@ -102,6 +102,13 @@ class EsciData(Dataset):
         max_queries: cap on the queries of each split (seeded subset), None = all.
     """
 
+    config_name = "esci"
+    root_help = (
+        "the folder holding shopping_queries_dataset_examples.parquet and "
+        "shopping_queries_dataset_products.parquet (github.com/amazon-science/esci-data, "
+        "folder shopping_queries_dataset/)"
+    )
+
     def __init__(
         self,
         root: str | Path,

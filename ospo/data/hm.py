@@ -139,6 +139,12 @@ class HMData(Dataset):
         since: keep only transactions from this day on ("YYYY-MM-DD"), None = all.
     """
 
+    config_name = "hm"
+    root_help = (
+        "the folder holding articles.csv, customers.csv and transactions_train.csv "
+        "(kaggle.com/competitions/h-and-m-personalized-fashion-recommendations)"
+    )
+
     def __init__(
         self,
         root: str | Path,

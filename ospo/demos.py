@@ -13,25 +13,23 @@ expansions and keep the ones the reward likes:
 
 Command line (Hydra overrides of the training config pick the data, model and reward):
 
-    python -m ospo.data.demos --out demos.jsonl data=esci data.root=/data/esci [--limit 500]
+    python -m ospo.demos --out demos.jsonl data=esci data.root=/data/esci [--limit 500]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from ospo.data import Sample
-from ospo.format import FormatCheck
+from ospo.format import FormatCheck, format_ok
+from ospo.io import write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -62,23 +60,6 @@ def best_demo(
     if not keep.any():
         return None
     return int(np.argmax(np.where(keep, rewards, -np.inf)))
-
-
-def write_jsonl_atomic(rows: Sequence[dict], path: str | os.PathLike) -> Path:
-    """Write rows as JSON lines to `path` via a temp file + os.replace (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def rejection_sample_demos(
@@ -126,7 +107,7 @@ def rejection_sample_demos(
         rewards = np.asarray(reward.score_texts(rollouts.texts, repeated), dtype=np.float64)
         raw = np.asarray(reward.score_texts([s.request for s in batch], batch), dtype=np.float64)
         ended = rollouts.ended.tolist() if rollouts.ended is not None else [True] * len(rewards)
-        ok = [bool(check(t, e)) for t, e in zip(rollouts.texts, ended, strict=True)]
+        ok = format_ok(rollouts.texts, ended, check)
         for j, sample in enumerate(batch):
             rows_j = slice(j * num_samples, (j + 1) * num_samples)
             texts_j, rewards_j, ok_j = rollouts.texts[rows_j], rewards[rows_j], ok[rows_j]
@@ -144,7 +125,7 @@ def rejection_sample_demos(
             demo_rewards.append(rewards_j[best])
             rows.append({"qid": sample.qid, "demo": demo, "reward": float(rewards_j[best])})
     if path is not None:
-        write_jsonl_atomic(rows, path)
+        write_jsonl(path, rows)
     total = len(samples) * num_samples
     stats = {
         "requests": len(samples),
@@ -176,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     the chosen split with the configured (untrained) policy, retriever, reward and format."""
     parser = argparse.ArgumentParser(
         description="Rejection-sample warm-up demonstrations (JSONL of qid/demo/reward).",
-        epilog="Example: python -m ospo.data.demos --out esci_demos.jsonl data=esci "
+        epilog="Example: python -m ospo.demos --out esci_demos.jsonl data=esci "
         "data.root=/data/esci",
     )
     parser.add_argument("--out", required=True, help="JSONL file to write")
@@ -198,8 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from hydra.utils import instantiate
 
+    from ospo.build import build_data, build_policy, build_reward
     from ospo.config import compose_config
-    from ospo.pipeline import base_policy, build_data, build_reward
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = compose_config(args.overrides)
@@ -209,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     samples = data.split(args.split)
     samples = samples[: args.limit] if args.limit else samples
     reward = build_reward(cfg.retriever, cfg.reward, data.catalog)
-    policy = base_policy(cfg, data)
+    policy = build_policy(cfg.model, data)
     policy.eval()
     log.info("ready in %.1fs: %d %s requests", time.perf_counter() - t0, len(samples), args.split)
     stats = rejection_sample_demos(
@@ -233,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     return stats
 
 
-__all__ = ["best_demo", "main", "rejection_sample_demos", "write_jsonl_atomic"]
+__all__ = ["best_demo", "main", "rejection_sample_demos"]
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """How good is SmolLM2 at the embedded task before any training?
 
-    python -m ospo.data.zeroshot [--n 50] [--seed 0] [--temperature 1.0]
+    python -m ospo.zeroshot [--n 50] [--seed 0] [--temperature 1.0]
 
 On the first `n` test requests of `ShopData()` it compares, by BM25 NDCG@10 and format-ok
 rate: the raw request, the demonstrations, the oracle (request + intent words) and SmolLM2's
@@ -17,8 +17,8 @@ import time
 import numpy as np
 import torch
 
+from ospo.evaluate import generate_all
 from ospo.format import FormatCheck
-from ospo.pipeline import generate_all
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

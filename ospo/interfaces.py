@@ -1,0 +1,98 @@
+"""The typed interfaces between the parts of a step, one per config group that has options.
+
+A reward's path through the code, read with these: a `Retriever` ranks the catalog for a text;
+a `Reward` turns that ranking into a number per completion and, for OSPO, into a value
+function over coalitions of a completion's segments (from a `Segmenter`); an `Attribution`
+turns that value function into segment credit phi; an `AdvantageEstimator` turns rewards (and
+credit) into per-token advantages, which the loss weighs (`ospo.loss.PolicyLoss`). The classes
+that implement them are the `_target_`s of `conf/retriever`, `conf/reward`, `conf/segmenter`,
+`conf/attribution` and `conf/baseline/*.yaml: advantage`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from torch import Tensor
+
+from ospo.data import Sample
+from ospo.segmenter import Segmentation
+
+ValueFn = Callable[[np.ndarray], np.ndarray]
+"""Coalition values: bool masks (K, n) over a completion's n segments -> values (K,)."""
+
+
+@runtime_checkable
+class Retriever(Protocol):
+    """Ranks a catalog for query texts (`ospo.retriever.BM25`, `BM25Plus`, `BM25L`, `Dense`)."""
+
+    additive: bool  # score(text) == sum of its segments' segment_scores rows (BM25 family)
+    doc_ids: list[str]  # product id of each score column
+
+    def index(self, catalog: Mapping[str, str]) -> None:
+        """Index product id -> text; columns follow the catalog's order."""
+
+    def score(self, texts: Sequence[str]) -> np.ndarray:
+        """Scores of every product for each text: (len(texts), D)."""
+
+    def clear_cache(self) -> None:
+        """Forget cached per-term vectors or embeddings."""
+
+
+@runtime_checkable
+class Reward(Protocol):
+    """A retriever's ranking judged by a metric (`ospo.reward.NDCG`, `Recall`)."""
+
+    retriever: Retriever
+    k: int
+
+    def score_texts(self, texts: Sequence[str], samples: Sequence[Sample]) -> np.ndarray:
+        """Main-metric reward of each text for its sample: (N,)."""
+
+    def metrics(
+        self, texts: Sequence[str], samples: Sequence[Sample], k: int = 10
+    ) -> dict[str, np.ndarray]:
+        """NDCG@k, Recall@k and MRR of each text: each (N,)."""
+
+    def coalition_value_fn(
+        self, text: str, segmentation: Segmentation, sample: Sample, base_text: str = ""
+    ) -> ValueFn:
+        """v(S) for the coalitions S of `text`'s segments: reward of base_text + kept segments."""
+
+    def clear_cache(self) -> None:
+        """Forget memoised coalition values (called once per step)."""
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    """Splits a completion into players and unions (`ospo.segmenter.PhraseSegmenter`, ...)."""
+
+    max_segments: int | None  # players are merged past this many
+
+    def __call__(self, text: str) -> Segmentation:
+        """Character spans of the players and their partition into unions."""
+
+
+@runtime_checkable
+class Attribution(Protocol):
+    """Segment credit from coalition values (`ospo.attribution.Owen`, `Shapley`, `ShapleyMC`)."""
+
+    def __call__(self, value_fn: ValueFn, unions: Sequence[Sequence[int]]) -> np.ndarray:
+        """phi (n,): each player's share of v(all) - v(empty)."""
+
+    def validate_budget(self, max_segments: int) -> int:
+        """Worst-case coalitions for `max_segments` players; raises if over a hard budget."""
+
+
+@runtime_checkable
+class AdvantageEstimator(Protocol):
+    """Rewards (and credit) -> per-token advantages (`ospo.advantage.GRPO`, `OSPO`)."""
+
+    needs_credit: bool  # True: call with token_spans, segmentations and phis
+
+    def __call__(
+        self, rewards: Any, group_size: int, completion_mask: Tensor, **credit: Any
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Advantages (N, T), zero on padding, and their stats for logging."""

@@ -1,0 +1,180 @@
+"""Sampling: B prompts -> N = B * G completions, with the character span of every token.
+
+`generate` left-pads the B chat prompts, repeats each G times (prompt-major: rows g*G ..
+g*G + G - 1 answer prompt g), prefills each prompt's KV cache once and shares it across its G
+rows, and samples with the KV cache until EOS or `max_new_tokens`. The spans come from the
+generated ids themselves (`token_char_spans`), so the credit of a text segment can be put back
+on exactly the tokens that wrote it (docs/design.md section 2, OSPO step 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from ospo.policy.logprobs import prompt_cache
+
+if TYPE_CHECKING:
+    from ospo.policy import Policy
+
+
+@dataclass
+class Rollouts:
+    """A batch of sampled completions; N = B * G rows, rows g*G..g*G+G-1 share prompt g."""
+
+    prompt_ids: Tensor  # (N, P) left-padded
+    prompt_mask: Tensor  # (N, P)
+    completion_ids: Tensor  # (N, T) right-padded with pad id
+    completion_mask: Tensor  # (N, T) 1 for generated tokens up to and including EOS
+    texts: list[str]  # decoded completions (no special tokens)
+    token_spans: list[
+        list[tuple[int, int]]
+    ]  # per completion, [start, end) in texts[i] per valid token
+    group: Tensor  # (N,) index of the prompt each completion answers
+    ended: Tensor | None = None  # (N,) bool: the completion stopped at EOS (not truncated)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def lengths(self) -> Tensor:
+        """(N,) number of valid completion tokens (EOS included)."""
+        return self.completion_mask.sum(1)
+
+
+def generate(
+    policy: Policy,
+    messages_list: Sequence[Sequence[Mapping[str, str]]],
+    num_generations: int = 1,
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    do_sample: bool = True,
+) -> Rollouts:
+    """Sample `num_generations` completions per conversation (greedy with do_sample=False).
+
+    Sampling is from softmax(logits / temperature) restricted to the top-p nucleus: no
+    top-k, no repetition penalty, whatever the model's generation config says. Generation
+    stops at EOS; ids after the first EOS are replaced by the pad id.
+    """
+    if num_generations < 1 or max_new_tokens < 1:
+        raise ValueError(
+            f"num_generations={num_generations} and max_new_tokens={max_new_tokens} "
+            "must both be >= 1"
+        )
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0 when sampling")
+    G = num_generations
+    prompt_ids, prompt_mask = policy.encode_prompts(messages_list)  # (B, P)
+    B, P = prompt_ids.shape
+    prompt_ids = prompt_ids.repeat_interleave(G, dim=0)  # (N, P), prompt-major
+    prompt_mask = prompt_mask.repeat_interleave(G, dim=0)  # (N, P)
+    group = torch.arange(B, device=policy.device).repeat_interleave(G)  # (N,)
+    gen_kwargs = dict(
+        do_sample=do_sample,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        repetition_penalty=1.0,
+        num_beams=1,
+        eos_token_id=policy.eos_token_ids,
+        pad_token_id=policy.pad_token_id,
+        use_cache=True,
+    )
+    if do_sample:  # exactly softmax(logits / temperature) on the top-p nucleus; no top-k
+        gen_kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
+    modes = [(m, m.training) for m in policy.modules()]
+    policy.eval()
+    try:
+        with torch.inference_mode():
+            if G > 1 and P > 1 and not policy._checkpointing():
+                # prefill each request's first P - 1 tokens once, not G times
+                gen_kwargs["cache"], _ = prompt_cache(
+                    policy, prompt_ids[::G, :-1], prompt_mask[::G, :-1], G
+                )
+            out = policy.model.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, **gen_kwargs
+            )  # (N, P + T)
+    finally:
+        for module, training in modes:  # restore each module's own mode
+            module.training = training
+    completion_ids = out[:, P:].clone()  # (N, T)
+    mask, ended = completion_mask(completion_ids, policy.eos_token_ids)
+    completion_ids[mask == 0] = policy.pad_token_id
+    texts, spans = decode_with_spans(policy.tokenizer, completion_ids, mask)
+    return Rollouts(
+        prompt_ids=prompt_ids.clone(),
+        prompt_mask=prompt_mask.clone(),
+        completion_ids=completion_ids,
+        completion_mask=mask,
+        texts=texts,
+        token_spans=spans,
+        group=group,
+        ended=ended,
+    )
+
+
+def completion_mask(completion_ids: Tensor, eos_token_ids: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """(N, T) mask of tokens up to and including the first EOS, and (N,) bool `ended`."""
+    is_eos = torch.isin(
+        completion_ids, torch.tensor(list(eos_token_ids), device=completion_ids.device)
+    )  # (N, T)
+    # number of EOS strictly before t is 0  <=>  t is at or before the first EOS
+    before = is_eos.long().cumsum(1) - is_eos.long()  # (N, T)
+    return (before == 0).long(), is_eos.any(1)
+
+
+def decode_with_spans(
+    tokenizer, completion_ids: Tensor, completion_mask: Tensor
+) -> tuple[list[str], list[list[tuple[int, int]]]]:
+    """Texts (special tokens skipped) and per-token char spans of the valid completion ids."""
+    texts, spans = [], []
+    for ids, mask in zip(completion_ids.tolist(), completion_mask.tolist(), strict=True):
+        text, sp = token_char_spans(tokenizer, ids[: sum(mask)])
+        texts.append(text)
+        spans.append(sp)
+    return texts, spans
+
+
+def _lcp(a: str, b: str) -> int:
+    """Length of the longest common prefix of a and b."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def token_char_spans(tokenizer, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
+    """Decoded text of `ids` (special tokens skipped) and the [start, end) span of each token.
+
+    Computed from the ids themselves, not by re-tokenising the text: token t ends where the
+    decode of ids[:t+1] stops agreeing with the decode of all ids (the longest common prefix),
+    so a byte-level piece of an unfinished multi-byte character (decoded as U+FFFD) gets a
+    zero-width span and the piece that completes the character covers all of it; special
+    tokens are zero-width. The spans are monotone, contiguous, start at 0 and end at len(text),
+    so joining text[s:e] over them rebuilds the text exactly.
+    """
+    ids = [int(i) for i in ids]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if not ids:
+        return text, []
+    prefixes = tokenizer.batch_decode(
+        [ids[: t + 1] for t in range(len(ids) - 1)], skip_special_tokens=True
+    )
+    spans, start = [], 0
+    for prefix in prefixes:
+        end = max(start, _lcp(prefix, text))
+        spans.append((start, end))
+        start = end
+    spans.append((start, len(text)))
+    return text, spans
