@@ -1,4 +1,4 @@
-"""Time exact Owen attribution of one completion against BM25 NDCG@10 (DESIGN.md section 3).
+"""Time exact Owen attribution of one completion against BM25 NDCG@10 (docs/design.md section 3).
 
 A completion of 8 segments in 2 unions of 4 is attributed with exact Owen values
 (``ospo.attribution.owen_values``) over a seeded synthetic catalog (default 10,000 products,

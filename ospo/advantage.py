@@ -1,6 +1,6 @@
 """Advantage estimators: GRPO (sequence-level credit) and OSPO (segment-level credit).
 
-Config group `baseline` (grpo, ospo). The maths follows DESIGN.md section 2, which reads the
+Config group `baseline` (grpo, ospo). The maths follows docs/design.md section 2, which reads the
 OSPO paper (Nath et al., arXiv 2601.08403) as potential-based redistribution: segment credits
 act as a potential over prefixes, so moving a completion's advantage between its tokens while
 keeping the mean leaves the optimal policy unchanged.
@@ -53,7 +53,7 @@ def _as_rewards(rewards) -> Tensor:
 
 
 def group_advantages(rewards, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
-    """Group-relative advantages A_i (DESIGN.md section 2, GRPO).
+    """Group-relative advantages A_i (docs/design.md section 2.1).
 
     A_i = r_i - mean_g(r), then divided by `std_g(r) + eps` (scale="group"), by the std of all
     N rewards + eps (scale="batch"), or not at all (scale="none", Dr.GRPO). The std is the
@@ -113,7 +113,7 @@ def frac_zero_std(rewards, group_size: int) -> float:
 
 
 def token_credit(token_spans, seg_spans, phi) -> tuple[Tensor, Tensor]:
-    """Map segment credits phi (n,) onto completion tokens (DESIGN.md section 2, step 4).
+    """Map segment credits phi (n,) onto completion tokens (docs/design.md section 2.6).
 
     token_spans: T [start, end) character spans of the completion's tokens (tokenizer offsets).
     seg_spans:   n [start, end) character spans of the segments, in the same text.
@@ -147,7 +147,7 @@ def token_credit(token_spans, seg_spans, phi) -> tuple[Tensor, Tensor]:
 def credit_weights(
     credit, covered, mode: str, alpha: float = 0.7, advantage: float = 1.0
 ) -> Tensor:
-    """Turn token credits into weights u_t >= 0 (DESIGN.md section 2, step 5).
+    """Turn token credits into weights u_t >= 0 (docs/design.md section 2.7).
 
     Over the covered tokens, with c the credit:
     * `prop`:   (c - min c) / (max c - min c). The lowest-credit segment gets weight 0 by
@@ -197,7 +197,7 @@ def credit_weights(
 
 
 def redistribute(advantage: float, u) -> Tensor:
-    """A_{i,t} = A_i * u_t / mean_t(u_t) over one completion's valid tokens (DESIGN.md 2.5).
+    """A_{i,t} = A_i * u_t / mean_t(u_t) over one completion's valid tokens (docs/design.md section 2.7).
 
     The mean token advantage equals A_i (up to float rounding) and uniform u gives exactly
     A_i on every token (GRPO). If mean(u) is not positive or u is not finite, every token gets
@@ -225,7 +225,7 @@ def _reward_stats(r: Tensor, adv: Tensor, group_size: int) -> dict[str, float]:
 
 
 class GRPO:
-    """Sequence-level credit: every valid token of completion i gets A_i (DESIGN.md section 2).
+    """Sequence-level credit: every valid token of completion i gets A_i (docs/design.md section 2.1).
 
     Returns the (N, T) advantages and their stats: frac_reward_zero_std, reward_mean,
     reward_std, adv_abs_mean and adv_std (python floats). Needs no segment credit."""
@@ -249,7 +249,7 @@ class GRPO:
 
 
 class OSPO:
-    """Segment-level credit by potential-based redistribution (DESIGN.md section 2, OSPO).
+    """Segment-level credit by potential-based redistribution (docs/design.md sections 2.6-2.8).
 
     Per completion: GRPO's A_i, then token_credit -> credit_weights -> redistribute over the
     valid tokens, so the mean token advantage stays A_i. A completion falls back to GRPO's

@@ -1,6 +1,6 @@
 """Credit attribution over segments: exact Owen, exact Shapley and Monte-Carlo Shapley values.
 
-DESIGN.md section 2, OSPO step 3. A game is given by a value function that scores a batch of
+docs/design.md section 2.5. A game is given by a value function that scores a batch of
 coalitions at once:
 
     value_fn(masks) -> values      masks: (K, n) bool, row k = coalition k;  values: (K,) float

@@ -1,4 +1,4 @@
-"""Clipped policy-gradient loss shared by GRPO and OSPO (DESIGN.md section 2, item 6).
+"""Clipped policy-gradient loss shared by GRPO and OSPO (docs/design.md section 2.2).
 
 Per valid token, with rho = pi_theta / pi_old = exp(logp - old_logp):
 

@@ -1,6 +1,6 @@
 """Segmenters: a completion text -> players (character spans) + coalition structure (unions).
 
-DESIGN.md section 2, OSPO step 1. Two rule-based segmenters (config group `segmenter`):
+docs/design.md section 2.3. Two rule-based segmenters (config group `segmenter`):
 * `PhraseSegmenter`:   players are attribute phrases / noun chunks, unions are the
                        sentences or clauses the phrases sit in.
 * `SentenceSegmenter`: players are sentences, unions are lines, paragraphs or singletons.

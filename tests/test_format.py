@@ -82,3 +82,15 @@ def test_format_ok_rate():
     assert format_ok_rate([]) == 0.0
     with pytest.raises(ValueError, match="len"):
         format_ok_rate(texts, [True])
+
+
+def test_format_ok_flags_each_text_and_checks_lengths():
+    from ospo.format import format_ok
+
+    check = FormatCheck(max_words=3)
+    texts = ["red shoes", "a b c d", "Sure, red"]
+    assert format_ok(texts, [True, True, True], check) == [True, False, False]
+    assert format_ok(texts[:1], [False], check) == [False]  # no EOS
+    assert format_ok_rate(texts, None, check) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="len\\(ended\\)=1 != len\\(texts\\)=3"):
+        format_ok(texts, [True], check)

@@ -12,7 +12,7 @@ import torch
 from ospo.evaluate import run_eval
 from ospo.rl import run_train
 
-from .conftest import CONF, ROOT, TINY
+from .conftest import ROOT, TINY
 
 
 def _metrics(run_dir: Path) -> list[dict]:

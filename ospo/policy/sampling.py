@@ -4,7 +4,7 @@
 g*G + G - 1 answer prompt g), prefills each prompt's KV cache once and shares it across its G
 rows, and samples with the KV cache until EOS or `max_new_tokens`. The spans come from the
 generated ids themselves (`token_char_spans`), so the credit of a text segment can be put back
-on exactly the tokens that wrote it (docs/design.md section 2, OSPO step 4).
+on exactly the tokens that wrote it (docs/design.md section 2.6).
 """
 
 from __future__ import annotations
