@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from ospo.attribution import CountingValueFn, mc_shapley_values, owen_values, shapley_values
-from ospo.report import mean_ci
+from ospo.metrics import mean_ci
 from ospo.retriever import tokenize
 
 __all__ = [

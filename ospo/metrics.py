@@ -22,6 +22,7 @@ Conventions shared by both:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
@@ -236,3 +237,31 @@ def _check_columns(scores: np.ndarray, per_column: np.ndarray) -> None:
             f"expected scores (K, D) and a (D,) judgement vector, got {scores.shape} and "
             f"{per_column.shape}"
         )
+
+
+# ----------------------------------------------------------------------------- over seeds
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Quantile of Student's t distribution with ``df`` degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(p, df))
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, int]:
+    """(mean, half-width of the two-sided t-interval, n) of the finite values.
+
+    half = t_{(1+level)/2, n-1} * s / sqrt(n), s = sample std (ddof=1); NaN when n < 2.
+    Mean is NaN when there is no finite value.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    n = int(x.size)
+    if n == 0:
+        return math.nan, math.nan, 0
+    mean = float(x.mean())
+    if n < 2:
+        return mean, math.nan, n
+    half = t_quantile(0.5 + level / 2, n - 1) * float(x.std(ddof=1)) / math.sqrt(n)
+    return mean, half, n

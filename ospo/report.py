@@ -5,7 +5,7 @@ Usage::
     python -m ospo.report multirun/train/<date>_<time> [--out DIR]
 
 Reads every ``*/summary.json`` below the folder (one per job, written by
-:func:`ospo.pipeline.run_train`) and writes, into ``--out`` (default: the sweep folder):
+:func:`ospo.rl.run_train`) and writes, into ``--out`` (default: the sweep folder):
 
 * ``report.png``: validation NDCG@10 against RL step and against RL wall time (s), one line
   per method label (mean over seeds) with a shaded 95% t-interval over seeds, and, with a
@@ -51,6 +51,8 @@ from typing import Any
 
 import numpy as np
 
+from ospo.metrics import mean_ci, t_quantile
+
 __all__ = [
     "TEST_METRICS",
     "aggregate",
@@ -88,7 +90,7 @@ def load_runs(folder: str | Path, split: str = "test") -> list[dict[str, Any]]:
     if not paths:
         raise FileNotFoundError(
             f"no summary.json found below {root}: expected one <job>/summary.json per Hydra "
-            "job (written by ospo.pipeline.run_train when a training run finishes)"
+            "job (written by ospo.rl.run_train when a training run finishes)"
         )
     runs = []
     for path in paths:
@@ -101,7 +103,7 @@ def load_runs(folder: str | Path, split: str = "test") -> list[dict[str, Any]]:
         missing = [k for k in ("label", "val_history", split) if k not in summary]
         if missing:
             raise ValueError(
-                f"{path} lacks {missing}: expected a summary.json of ospo.pipeline.run_train "
+                f"{path} lacks {missing}: expected a summary.json of ospo.rl.run_train "
                 f"with keys label, seed, val_history and {split!r}"
             )
         if TRAIN_KEY not in summary[split]:
@@ -115,31 +117,6 @@ def load_runs(folder: str | Path, split: str = "test") -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- statistics
-
-
-def t_quantile(p: float, df: int) -> float:
-    """Quantile of Student's t distribution with ``df`` degrees of freedom."""
-    from scipy.stats import t
-
-    return float(t.ppf(p, df))
-
-
-def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, int]:
-    """(mean, half-width of the two-sided t-interval, n) of the finite values.
-
-    half = t_{(1+level)/2, n-1} * s / sqrt(n), s = sample std (ddof=1); NaN when n < 2.
-    Mean is NaN when there is no finite value.
-    """
-    x = np.asarray(values, dtype=np.float64)
-    x = x[np.isfinite(x)]
-    n = int(x.size)
-    if n == 0:
-        return math.nan, math.nan, 0
-    mean = float(x.mean())
-    if n < 2:
-        return mean, math.nan, n
-    half = t_quantile(0.5 + level / 2, n - 1) * float(x.std(ddof=1)) / math.sqrt(n)
-    return mean, half, n
 
 
 def interpolate_curves(

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from ospo.metrics import (
     recall_from_scores,
     top_k_indices,
 )
+
+if TYPE_CHECKING:
+    from ospo.interfaces import Retriever
 
 ValueFn = Callable[[np.ndarray], np.ndarray]  # bool masks (K, n) -> values (K,)
 
@@ -78,7 +81,7 @@ class Reward:
 
     metric: str = "ndcg"
 
-    def __init__(self, retriever: Any, k: int = 10, max_cache: int = 200_000) -> None:
+    def __init__(self, retriever: Retriever, k: int = 10, max_cache: int = 200_000) -> None:
         if int(k) != k or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         if self.metric not in ("ndcg", "recall"):
