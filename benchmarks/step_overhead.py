@@ -53,7 +53,14 @@ from ospo.build import (  # noqa: E402
 )
 from ospo.config import compose_config  # noqa: E402  (also registers the resolvers)
 from ospo.evaluate import autocast_for  # noqa: E402
-from ospo.step import PromptSchedule, RLStep, Sampling, clip_grad_norm, step_seed  # noqa: E402
+from ospo.step import (  # noqa: E402
+    PromptSchedule,
+    RLStep,
+    Sampling,
+    clip_grad_norm,
+    optimization,
+    step_seed,
+)
 
 
 def main() -> None:
@@ -86,8 +93,8 @@ def main() -> None:
             policy, reward, baseline, sampling, rl.num_generations, segmenter, attribution
         )
     params = [p for p in policy.parameters() if p.requires_grad]
-    opt = instantiate(rl.optimizer)(params)
-    sched = instantiate(rl.scheduler)(opt)
+    optim = optimization(policy, instantiate(rl.optimizer), instantiate(rl.scheduler))
+    opt, sched = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
     clip = clip_grad_norm(rl.grad_clip)
     autocast = autocast_for(cfg_ospo, policy)
     schedule = PromptSchedule(data.splits["train"], rl.prompts_per_step, a.seed)

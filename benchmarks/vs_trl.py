@@ -64,7 +64,14 @@ from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 from ospo.build import build_baseline, build_data, build_policy, build_reward  # noqa: E402
 from ospo.config import compose_config  # noqa: E402  (also registers the resolvers)
 from ospo.policy import Policy  # noqa: E402
-from ospo.step import RLStep, Sampling, backward, clip_grad_norm, step_seed  # noqa: E402
+from ospo.step import (  # noqa: E402
+    RLStep,
+    Sampling,
+    backward,
+    clip_grad_norm,
+    optimization,
+    step_seed,
+)
 
 PROMPTS, GENERATIONS, NEW_TOKENS = 8, 8, 32
 LR, GRAD_CLIP, EPS_LOW, EPS_HIGH = 5e-5, 1.0, 0.2, 0.28
@@ -99,9 +106,8 @@ class Ours:
     def __init__(self, cfg, policy: Policy, reward):
         self.policy = policy
         self.timer = tm = Timer()
-        params = [p for p in policy.parameters() if p.requires_grad]
-        self.opt = instantiate(cfg.rl.optimizer)(params)
-        self.sched = instantiate(cfg.rl.scheduler)(self.opt)
+        optim = optimization(policy, instantiate(cfg.rl.optimizer), instantiate(cfg.rl.scheduler))
+        self.opt, self.sched = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
         # timers around the step's own calls (the step itself is not re-implemented)
         self.clip = tm.wrap("clip", clip_grad_norm(cfg.rl.grad_clip))
         self.backward = tm.wrap("backward", backward)

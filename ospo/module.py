@@ -24,7 +24,14 @@ from ospo.credit_html import credit_table_html
 from ospo.data import Sample
 from ospo.format import FormatCheck, format_ok
 from ospo.io import write_text
-from ospo.step import PromptSchedule, RLStep, StepResult, compute_credit, step_seed
+from ospo.step import (
+    PromptSchedule,
+    RLStep,
+    StepResult,
+    compute_credit,
+    optimization,
+    step_seed,
+)
 
 
 class _Steps(Dataset):
@@ -108,12 +115,7 @@ class RLModule(pl.LightningModule):
         self.policy.train()  # loaders return eval mode; dropout is off either way
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
-        scheduler = self.scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return optimization(self.policy, self.optimizer_factory, self.scheduler_factory)
 
     def wall_seconds(self) -> float:
         return self.wall_offset + time.perf_counter() - self.wall_start

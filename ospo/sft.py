@@ -30,6 +30,7 @@ from ospo.format import FormatCheck
 from ospo.interfaces import Reward
 from ospo.io import write_json
 from ospo.policy import Policy
+from ospo.step import optimization
 
 log = logging.getLogger("ospo")
 
@@ -98,12 +99,7 @@ class SFTModule(pl.LightningModule):
         return out.loss
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
-        scheduler = self.scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return optimization(self.policy, self.optimizer_factory, self.scheduler_factory)
 
 
 def run_sft(

@@ -140,6 +140,14 @@ def compute_credit(
     return credit
 
 
+def optimization(policy: Policy, optimizer: Callable, scheduler: Callable) -> dict[str, Any]:
+    """The optimizer over the policy's trainable parameters and its LR schedule, stepped once
+    per update, from the config's `_partial_` factories (`rl.optimizer`, `rl.scheduler`; the
+    warm-up's `sft.*`), in the form Lightning's `configure_optimizers` returns."""
+    opt = optimizer([p for p in policy.parameters() if p.requires_grad])
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler(opt), "interval": "step"}}
+
+
 def backward(loss: Tensor) -> None:
     loss.backward()
 
