@@ -237,3 +237,55 @@ def test_cli_unknown_baseline_names_it(sweep, capsys):
     with pytest.raises(SystemExit):
         main([str(sweep), "--baseline", "ppo"])
     assert "baseline label 'ppo' not among" in capsys.readouterr().err
+
+
+@pytest.fixture
+def asymmetric(tmp_path):
+    """Three seeds of GRPO and of two methods whose paired differences are not symmetric around
+    zero: OSPO beats GRPO by +0.10, +0.02, +0.05 (test ndcg@10); "mixed" by +0.10, -0.02, 0.
+    Final validation: OSPO ends +0.10, +0.05, +0.15 above GRPO."""
+    root = tmp_path / "asym"
+    grpo = [0.30, 0.40, 0.50]
+    for seed, g in enumerate(grpo):
+        _write(root, f"g{seed}", _summary("grpo", seed, g, 0.5, 0.4, val=[0.1, 0.2, 0.3]))
+    for seed, (d, v) in enumerate(zip([0.10, 0.02, 0.05], [0.40, 0.35, 0.45], strict=True)):
+        ospo = _summary("ospo-owen-phrase", seed, grpo[seed] + d, 0.6, 0.3, val=[0.1, 0.2, v])
+        _write(root, f"o{seed}", ospo)
+    for seed, d in enumerate([0.10, -0.02, 0.0]):
+        _write(root, f"m{seed}", _summary("mixed", seed, grpo[seed] + d, 0.5, 0.4))
+    return root
+
+
+def test_paired_differences_keep_their_sign(asymmetric):
+    p = paired_differences(load_runs(asymmetric), "grpo")
+    assert list(p) == ["mixed", "ospo-owen-phrase"]
+    e = p["ospo-owen-phrase"]
+    assert e["n"] == 3 and sorted(e["seeds"]) == [0, 1, 2]
+    mean, half, n = e["test"]["ndcg@10"]
+    diffs = np.array([0.10, 0.02, 0.05])
+    assert mean > 0 and mean == pytest.approx(0.17 / 3)
+    assert half == pytest.approx(T_975_DF2 * diffs.std(ddof=1) / math.sqrt(3))
+    assert e["wins"] == 3
+    assert e["test"]["recall@10"][0] == pytest.approx(0.1)  # 0.6 vs 0.5 on every seed
+    assert e["test"]["mrr"][0] == pytest.approx(-0.1)  # 0.3 vs 0.4: a loss stays negative
+    assert e["val_end"][0] == pytest.approx(0.1)  # +0.10, +0.05, +0.15
+    curve = e["curve"]
+    assert list(curve["x"]) == [0, 10, 20]
+    np.testing.assert_allclose(curve["mean"], [0.0, 0.0, 0.1], atol=1e-12)
+    m = p["mixed"]
+    assert m["wins"] == 1  # neither -0.02 nor a tie is a win
+    assert m["test"]["ndcg@10"][0] == pytest.approx(0.08 / 3)
+
+    md = render_markdown(aggregate(load_runs(asymmetric)))
+    paired = md.split("## Paired against grpo", 1)[1].splitlines()
+    row = next(line for line in paired if line.startswith("| ospo-owen-phrase | 3 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:] == [
+        f"+0.0567 ± {half:.4f}",
+        "+0.1000 ± 0.0000",
+        "-0.1000 ± 0.0000",
+        f"+0.1000 ± {T_975_DF2 * 0.05 / math.sqrt(3):.4f}",
+        "3 of 3",
+    ]
+    mixed = next(line for line in paired if line.startswith("| mixed | 3 |"))
+    assert "| +0.0267 ±" in mixed and "| 1 of 3 |" in mixed
