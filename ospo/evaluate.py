@@ -133,11 +133,17 @@ def load_checkpoint_policy(cfg: DictConfig, ckpt_path: str | Path, data: Dataset
         for k, v in ckpt["state_dict"].items()
         if k.startswith("policy.")
     }
-    missing = set(state) - set(policy.state_dict())
-    if missing:
+    unexpected = set(state) - set(policy.state_dict())
+    if unexpected:
         raise ValueError(
-            f"{ckpt_path}: {len(missing)} weights do not fit the policy "
-            f"(first: {sorted(missing)[0]}); was it trained with another model?"
+            f"{ckpt_path}: {len(unexpected)} weights do not fit the policy "
+            f"(first: {sorted(unexpected)[0]}); was it trained with another model?"
+        )
+    absent = {n for n, p in policy.named_parameters() if p.requires_grad} - set(state)
+    if absent:
+        raise ValueError(
+            f"{ckpt_path}: holds none of {len(absent)} trainable weights of the policy "
+            f"(first: {sorted(absent)[0]}); the checkpoint is incomplete or of another model"
         )
     policy.load_state_dict(state, strict=False)
     return policy

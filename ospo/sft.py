@@ -3,8 +3,8 @@
 The policy learns to write one-line queries by imitating the data set's demonstrations
 (prompt tokens masked out of the loss), is checked on the validation requests (format_ok
 target `sft.min_format_ok`), and is saved with LoRA merged into a cache folder keyed by a hash
-of everything that shapes it (data, model, `sft`, format, seed), so runs that differ only in
-RL settings share one warm-up.
+of everything that shapes it (data, model, `sft`, format, seed, trainer precision), so runs
+that differ only in RL settings share one warm-up.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def warmup_dir(cfg: DictConfig) -> Path:
     """The warm-up folder: `sft.init` when set, else the cache entry for these settings."""
     if cfg.sft.init:
         return Path(cfg.sft.init)
-    key = config_hash(cfg.data, cfg.model, cfg.sft, cfg.format, cfg.seed)
+    key = config_hash(cfg.data, cfg.model, cfg.sft, cfg.format, cfg.seed, cfg.trainer.precision)
     return Path(cfg.cache_dir) / "warmup" / key
 
 

@@ -2,7 +2,6 @@
 LoRA warm-up folder -> RL checkpoint -> eval, keep_query credit, and the warm-up cache key."""
 
 import json
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,19 +12,13 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
-from ospo.module import RLModule, compute_credit
-from ospo.pipeline import (
-    build_data,
-    build_reward,
-    load_checkpoint_policy,
-    run_eval,
-    run_sft,
-    run_train,
-    score_all,
-    warm_policy,
-    warmup_dir,
-)
+from ospo.build import build_data, build_reward, load_warm_policy
+from ospo.evaluate import load_checkpoint_policy, run_eval, score_all
+from ospo.module import RLModule
 from ospo.policy import Policy
+from ospo.rl import run_train
+from ospo.sft import run_sft, warmup_dir
+from ospo.step import compute_credit
 
 from .conftest import CONF, TINY
 
@@ -105,21 +98,25 @@ def test_eval_reloads_exactly_the_trained_weights(make_cfg, tmp_path, monkeypatc
     live = loaded.state_dict()
     for k, v in saved.items():
         assert torch.equal(live[k], v), k
-    warm = warm_policy(cfg, used).state_dict()
+    warm = load_warm_policy(cfg.model, used).state_dict()
     moved = [k for k, v in saved.items() if not torch.equal(warm[k], v)]
     assert moved, "RL left every weight at its warm-up value"
+    # a checkpoint that lost its weights is refused, not silently scored as the warm-up
+    empty = {**ckpt, "state_dict": {}}
+    torch.save(empty, tmp_path / "empty.ckpt")
+    with pytest.raises(ValueError, match="holds none of"):
+        load_checkpoint_policy(cfg, tmp_path / "empty.ckpt", data)
     # the output layer stays tied to the embeddings (it is not saved on its own)
     assert torch.equal(loaded.lm_head.weight, live["model.transformer.wte.weight"])
 
-    # eval.py with held-out retrievers: bm25_plus, and a BM25 without length normalisation
-    # (added to a copy of conf/, since BM25+ ranks these short expansions as BM25 does). Each
-    # score is that retriever's reward of the expansions eval wrote (sampled, so that they hold
-    # words the retrievers can disagree on).
-    conf = tmp_path / "conf"
-    shutil.copytree(CONF, conf)
-    flat = OmegaConf.load(CONF / "retriever" / "bm25.yaml")
-    flat.b = 0.0
-    OmegaConf.save(flat, conf / "retriever" / "bm25_flat.yaml")
+    # eval.py with held-out retrievers composed by Hydra: bm25_plus, and a BM25 without length
+    # normalisation (BM25+ ranks these short expansions as BM25 does). Each score is that
+    # retriever's reward of the expansions eval wrote (sampled, so that they hold words the
+    # retrievers can disagree on), with the reward built here from the retriever's own file.
+    direct_cfgs = {
+        "bm25_plus": OmegaConf.load(CONF / "retriever" / "bm25_plus.yaml"),
+        "bm25_flat": OmegaConf.merge(OmegaConf.load(CONF / "retriever" / "bm25.yaml"), {"b": 0.0}),
+    }
     generated = []
     orig_generate = Policy.generate
 
@@ -133,14 +130,18 @@ def test_eval_reloads_exactly_the_trained_weights(make_cfg, tmp_path, monkeypatc
         TINY
         + [
             f"ckpt_path={last}",
-            "eval.retrievers=[bm25_plus,bm25_flat]",
+            "~retriever@eval.retrievers.bm25",
+            "~retriever@eval.retrievers.bm25_l",
+            "~retriever@eval.retrievers.dense",
+            "+retriever@eval.retrievers.bm25_flat=bm25",
+            "eval.retrievers.bm25_flat.b=0.0",
             "eval.size=8",
             "eval.do_sample=true",
         ],
         name="eval",
         run_dir=tmp_path / "eval",
     )
-    results = run_eval(ecfg, tmp_path / "eval", conf)
+    results = run_eval(ecfg, tmp_path / "eval")
     monkeypatch.undo()
     assert list(results["retrievers"]) == ["bm25_plus", "bm25_flat"]  # eval.retrievers only
     rows = [
@@ -156,9 +157,7 @@ def test_eval_reloads_exactly_the_trained_weights(make_cfg, tmp_path, monkeypatc
     fmt = instantiate(ecfg.format)
     direct = {}
     for name in ("bm25_plus", "bm25_flat"):
-        reward = build_reward(
-            OmegaConf.load(conf / "retriever" / f"{name}.yaml"), ecfg.reward, data.catalog
-        )
+        reward = build_reward(direct_cfgs[name], ecfg.reward, data.catalog)
         direct[name] = score_all(texts, samples, reward, fmt, ended)
         assert results["retrievers"][name] == pytest.approx(direct[name], abs=1e-12), name
     # ... which is not the training retriever's score of the same expansions
@@ -277,7 +276,7 @@ def test_lora_warmup_folder_rl_checkpoint_and_eval(make_cfg, tmp_path, monkeypat
     with sft_policy.model.disable_adapter():
         lp_base = _logprobs(sft_policy, batch)
     assert (lp_sft - lp_base).abs().max() > 1e-3  # the warm-up adapters matter
-    warm = warm_policy(cfg, folder)
+    warm = load_warm_policy(cfg.model, folder)
     assert warm.is_peft
     # allclose, not equal: x W + (x A) B vs x (W + A B) round differently in float32
     torch.testing.assert_close(_logprobs(warm, batch), lp_sft, atol=1e-5, rtol=0)
@@ -350,9 +349,10 @@ def test_keep_query_sets_the_empty_coalition(make_cfg, attribution):
     phis = {}
     for keep in (True, False):
         reward.clear_cache()
-        segs, (phi,), stats = compute_credit([COMPLETION], [sample], segmenter, att, reward, keep)
-        assert segs[0].spans == seg.spans and phi.shape == (seg.n,)
-        assert stats.segments == [seg.n] and stats.coalitions > 0
+        credit = compute_credit([COMPLETION], [sample], segmenter, att, reward, keep)
+        (segm,), (phi,) = credit.segmentations, credit.phis
+        assert segm.spans == seg.spans and phi.shape == (seg.n,)
+        assert credit.segments == [seg.n] and credit.coalitions > 0
         phis[keep] = phi
     assert phis[True].sum() == pytest.approx(v_all_query - v_query, abs=1e-9)
     assert phis[False].sum() == pytest.approx(v_all - v_blank, abs=1e-9)
@@ -367,7 +367,7 @@ def test_keep_query_sets_the_empty_coalition(make_cfg, attribution):
         (False, v_blank, r(text)),
     ):
         reward.clear_cache()
-        _, (phi,), _ = compute_credit([text], [sample], lambda t: whole, att, reward, keep)
+        (phi,) = compute_credit([text], [sample], lambda t: whole, att, reward, keep).phis
         assert phi.tolist() == pytest.approx([v_full - v_empty], abs=1e-9)
     assert r(text) - v_blank != pytest.approx(r(f"{REQUEST} {text}") - v_query)
 
@@ -408,7 +408,7 @@ def test_warmup_dir_is_keyed_by_every_warmup_setting(make_cfg, tmp_path):
     assert here.parent == Path(base.cache_dir) / "warmup"
     assert warmup_dir(make_cfg(TINY, run_dir=tmp_path / "other")) == here  # stable
 
-    keys = [k for k in base.sft if k != "init"]
+    keys = [k for k in base.sft if k != "init" and not OmegaConf.is_dict(base.sft[k])]
     assert {
         "steps",
         "batch_size",
@@ -417,6 +417,7 @@ def test_warmup_dir_is_keyed_by_every_warmup_setting(make_cfg, tmp_path):
         "warmup_steps",
         "max_length",
         "min_format_ok",
+        "min_lr_ratio",
     } <= set(keys)
     seen = {here}
     for key in keys:
@@ -424,6 +425,8 @@ def test_warmup_dir_is_keyed_by_every_warmup_setting(make_cfg, tmp_path):
         assert warmup_dir(cfg) not in seen, f"sft.{key} does not change the warm-up folder"
         seen.add(warmup_dir(cfg))
     for override in (
+        "sft.optimizer._target_=torch.optim.Adam",  # the factories are part of the key too
+        "sft.scheduler.num_warmup_steps=1",
         "data.num_products=601",
         "data.seed=1",
         "model.n_embd=32",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ospo.data import Sample
-from ospo.module import PromptSchedule, step_seed
+from ospo.step import PromptSchedule, step_seed
 
 B, WORLD = 3, 2
 N_TRAIN = 24  # divisible by B * WORLD: one epoch = 4 steps
