@@ -144,7 +144,7 @@ def optimization(policy: Policy, optimizer: Callable, scheduler: Callable) -> di
     """The optimizer over the policy's trainable parameters and its LR schedule, stepped once
     per update, from the config's `_partial_` factories (`rl.optimizer`, `rl.scheduler`; the
     warm-up's `sft.*`), in the form Lightning's `configure_optimizers` returns."""
-    opt = optimizer([p for p in policy.parameters() if p.requires_grad])
+    opt = optimizer(policy.trainable_parameters())
     return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler(opt), "interval": "step"}}
 
 

@@ -92,13 +92,43 @@ class Policy(torch.nn.Module):
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
     # ---- the jobs, one module each --------------------------------------------------------
-    def generate(self, messages_list, num_generations: int = 1, **kwargs) -> Rollouts:
+    def generate(
+        self,
+        messages_list: Sequence[Sequence[Mapping[str, str]]],
+        num_generations: int = 1,
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        do_sample: bool = True,
+    ) -> Rollouts:
         """`num_generations` completions per conversation: `ospo.policy.sampling.generate`."""
-        return sampling.generate(self, messages_list, num_generations, **kwargs)
+        return sampling.generate(
+            self, messages_list, num_generations, max_new_tokens, temperature, top_p, do_sample
+        )
 
-    def token_logprobs(self, *args, **kwargs) -> Tensor | tuple[Tensor, Tensor]:
-        """Per-token log-probs (N, T): `ospo.policy.logprobs.token_logprobs`."""
-        return logprobs.token_logprobs(self, *args, **kwargs)
+    def token_logprobs(
+        self,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        completion_ids: Tensor,
+        completion_mask: Tensor,
+        with_entropy: bool = False,
+        *,
+        temperature: float = 1.0,
+        group_size: int = 1,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Per-token log-probs (N, T), and entropies with `with_entropy`:
+        `ospo.policy.logprobs.token_logprobs`."""
+        return logprobs.token_logprobs(
+            self,
+            prompt_ids,
+            prompt_mask,
+            completion_ids,
+            completion_mask,
+            with_entropy,
+            temperature=temperature,
+            group_size=group_size,
+        )
 
     def merged_state_dict(self) -> dict[str, Tensor]:
         """LoRA deltas folded into the base weights: `ospo.policy.saving.merged_state_dict`."""
