@@ -78,7 +78,7 @@ class RLModule(pl.LightningModule):
         init: dict[str, Any] | None = None,
     ):
         super().__init__()
-        self.step = step
+        self.rl_step = step
         self.policy = step.policy  # registered here: checkpoints hold `policy.*` weights
         self.ref_policy = step.ref_policy
         self.train_samples = list(train_samples)
@@ -122,7 +122,7 @@ class RLModule(pl.LightningModule):
 
     # ------------------------------------------------------------- RL step
     def training_step(self, batch, batch_idx):
-        out = self.step(
+        out = self.rl_step(
             self._schedule(self.rollout_step),
             step_seed(self.seed, self.rollout_step, self.global_rank),
             self.optimizers(),
@@ -144,11 +144,11 @@ class RLModule(pl.LightningModule):
         """The step's metrics under TRL's names (train/, time/, credit/, advantage/)."""
         ro, rewards, s = out.rollouts, out.rewards, out.seconds
         step_s = max(s["step"], 1e-9)
-        metrics = self.step.reward.metrics(ro.texts, out.samples)
+        metrics = self.rl_step.reward.metrics(ro.texts, out.samples)
         log = {
             "train/reward_mean": float(np.mean(rewards)),
             "train/reward_std": float(np.std(rewards)),
-            "train/frac_reward_zero_std": frac_zero_std(rewards, self.step.num_generations),
+            "train/frac_reward_zero_std": frac_zero_std(rewards, self.rl_step.num_generations),
             "train/loss": float(out.loss.detach()),
             "train/completion_length": float(ro.completion_mask.sum(1).float().mean()),
             "train/format_ok": float(np.mean(format_ok(ro.texts, ro.ended, self.format_check))),
@@ -181,10 +181,10 @@ class RLModule(pl.LightningModule):
         ro = self.policy.generate(
             [s.messages for s in batch],
             num_generations=1,
-            max_new_tokens=self.step.sampling.max_new_tokens,
+            max_new_tokens=self.rl_step.sampling.max_new_tokens,
             do_sample=False,
         )
-        metrics = self.step.reward.metrics(ro.texts, batch)
+        metrics = self.rl_step.reward.metrics(ro.texts, batch)
         ok = format_ok(ro.texts, ro.ended, self.format_check)
         for i, s in enumerate(batch):
             row = {k: float(v[i]) for k, v in metrics.items()}
@@ -206,17 +206,17 @@ class RLModule(pl.LightningModule):
 
     def _log_credit_table(self, rows) -> None:
         """Colour each segment of a few validation completions by its credit (HTML)."""
-        if self.step.segmenter is None or self.step.attribution is None or not rows:
+        if self.rl_step.segmenter is None or self.rl_step.attribution is None or not rows:
             return
         texts = [r["text"] for r in rows]
         samples = [r["sample"] for r in rows]
         credit = compute_credit(
             texts,
             samples,
-            self.step.segmenter,
-            self.step.attribution,
-            self.step.reward,
-            self.step.baseline.keep_query,
+            self.rl_step.segmenter,
+            self.rl_step.attribution,
+            self.rl_step.reward,
+            self.rl_step.baseline.keep_query,
         )
         html = credit_table_html(
             [s.request for s in samples],
@@ -248,7 +248,7 @@ class RLModule(pl.LightningModule):
             "wall_s": self.wall_seconds(),
             "init": self.init,
         }
-        rng = getattr(self.step.attribution, "rng", None)
+        rng = getattr(self.rl_step.attribution, "rng", None)
         if rng is not None:
             state["attribution_rng"] = rng.bit_generator.state
         checkpoint["ospo"] = state
@@ -259,7 +259,7 @@ class RLModule(pl.LightningModule):
         self.val_history = list(state.get("val_history", []))
         self.wall_offset = float(state.get("wall_s", 0.0))
         self.wall_start = time.perf_counter()
-        rng = getattr(self.step.attribution, "rng", None)
+        rng = getattr(self.rl_step.attribution, "rng", None)
         if rng is not None and "attribution_rng" in state:
             rng.bit_generator.state = state["attribution_rng"]
 
