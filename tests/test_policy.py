@@ -459,6 +459,10 @@ def test_build_tiny_is_seeded_and_keeps_global_rng(tiny):
 # ---- SmolLM2 (slow) ---------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_convert_cache_generate(tmp_path):
+    rng = torch.random.get_rng_state()
+    policy_mod.convert_smollm2(tmp_path / "smol")
+    # converting draws nothing from the global generator: a first run trains as a cached one
+    assert torch.equal(torch.random.get_rng_state(), rng)
     pol = policy_mod.load_smollm2(cache_dir=tmp_path / "smol")
     marker = tmp_path / "smol" / "ospo_complete.json"
     stamp = (marker.stat().st_mtime_ns, (tmp_path / "smol").stat().st_ino)

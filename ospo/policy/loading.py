@@ -186,12 +186,16 @@ def convert_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
     t0 = time.perf_counter()
     log.info("converting %s/%s to %s (once)", folder, SMOLLM2_GGUF, cache)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = torch.float32
-    model = LlamaForCausalLM(config)
+    # Building the fp32 model initialises weights that are then overwritten: keep those draws
+    # off the global generator, so a run that converts trains exactly as one that finds the
+    # cache (LoRA adapters are initialised from it right after).
+    with torch.random.fork_rng(devices=[]):
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.dtype = torch.float32
+        model = LlamaForCausalLM(config)
     missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
     if [k for k in missing if k != "lm_head.weight"] or unexpected:
         raise RuntimeError(f"GGUF state dict mismatch: missing {missing}, unexpected {unexpected}")
