@@ -197,7 +197,8 @@ def credit_weights(
 
 
 def redistribute(advantage: float, u) -> Tensor:
-    """A_{i,t} = A_i * u_t / mean_t(u_t) over one completion's valid tokens (docs/design.md section 2.7).
+    """A_{i,t} = A_i * u_t / mean_t(u_t) over one completion's valid tokens
+    (docs/design.md section 2.7).
 
     The mean token advantage equals A_i (up to float rounding) and uniform u gives exactly
     A_i on every token (GRPO). If mean(u) is not positive or u is not finite, every token gets
@@ -225,7 +226,8 @@ def _reward_stats(r: Tensor, adv: Tensor, group_size: int) -> dict[str, float]:
 
 
 class GRPO:
-    """Sequence-level credit: every valid token of completion i gets A_i (docs/design.md section 2.1).
+    """Sequence-level credit: every valid token of completion i gets A_i
+    (docs/design.md section 2.1).
 
     Returns the (N, T) advantages and their stats: frac_reward_zero_std, reward_mean,
     reward_std, adv_abs_mean and adv_std (python floats). Needs no segment credit."""

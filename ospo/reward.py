@@ -5,8 +5,8 @@ sample's ranking is over ``sample.pool`` (product ids) when it is not None, else
 catalog; NDCG's ideal DCG and Recall's denominator use ALL of the sample's judged products
 (see :mod:`ospo.metrics`), ties in the ranking go to the lower catalog column.
 
-Coalition values for attribution (docs/design.md sections 2.4 and 3), v(S) = reward of ``base_text`` followed
-by the kept segments of S:
+Coalition values for attribution (docs/design.md sections 2.4 and 3), v(S) = reward of
+``base_text`` followed by the kept segments of S:
 
 * additive retrievers (BM25 family): the score row of S is
   ``base_row + sum_{j in S} segment_row_j`` (segment rows from ``retriever.segment_scores``,

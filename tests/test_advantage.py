@@ -1,4 +1,5 @@
-"""Tests for ospo.advantage: hand cases for every step and the OSPO invariants of docs/design.md section 2."""
+"""Tests for ospo.advantage: hand cases for every step and the OSPO invariants
+(docs/design.md section 2)."""
 
 import math
 from types import SimpleNamespace
