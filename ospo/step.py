@@ -149,6 +149,7 @@ def optimization(policy: Policy, optimizer: Callable, scheduler: Callable) -> di
 
 
 def backward(loss: Tensor) -> None:
+    """Plain autograd; in training, Lightning's `manual_backward` takes its place."""
     loss.backward()
 
 
