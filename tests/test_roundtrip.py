@@ -195,7 +195,7 @@ def test_resume_restores_weights_optimizer_and_schedule(make_cfg, tmp_path):
     assert a["ospo"]["rollout_step"] == b["ospo"]["rollout_step"] == 4
     assert a["global_step"] == b["global_step"] == 8
     # Validation history: the straight run validated at steps 0, 2 and 4 (summary.json). The
-    # resumed run agrees wherever both validated, but (current code) it lacks step 2: last.ckpt
+    # resumed run agrees wherever both validated, but it lacks step 2 (a known gap): last.ckpt
     # is written at the end of step 2's batch, before step 2's validation, and a resumed run
     # does not repeat that validation. Likewise each last.ckpt lacks its own step's validation.
     hist_a = _without_wall(json.loads((tmp_path / "a" / "summary.json").read_text())["val_history"])

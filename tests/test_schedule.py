@@ -107,8 +107,8 @@ def test_step_seed():
 
 
 def test_pinned_values():
-    """The exact seeds and prompts of today's code: a run resumed from an older checkpoint, or
-    repeated with the same seed, samples the same rollouts only if these stay as they are."""
+    """Pinned seeds and prompts: a run resumed from an older checkpoint, or repeated with the
+    same seed, samples the same rollouts only if these stay as they are."""
     assert [step_seed(0, 0, 0), step_seed(0, 1, 0), step_seed(0, 0, 1), step_seed(7, 3, 1)] == [
         2968811710,
         3964924996,
