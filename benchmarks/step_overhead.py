@@ -92,7 +92,7 @@ def main() -> None:
         steps[baseline.name] = RLStep(
             policy, reward, baseline, sampling, rl.num_generations, segmenter, attribution
         )
-    params = [p for p in policy.parameters() if p.requires_grad]
+    params = policy.trainable_parameters()
     optim = optimization(policy, instantiate(rl.optimizer), instantiate(rl.scheduler))
     opt, sched = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
     clip = clip_grad_norm(rl.grad_clip)

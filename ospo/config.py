@@ -62,8 +62,6 @@ def validate(cfg: DictConfig) -> None:
     for key in ("steps", "prompts_per_step", "max_new_tokens", "val_every", "ckpt_every"):
         if rl[key] < 1:
             raise ConfigError(f"rl.{key}={rl[key]}: expected a positive integer")
-    if cfg.baseline.mu < 1:
-        raise ConfigError(f"baseline.mu={cfg.baseline.mu}: expected at least 1 update per batch")
 
 
 def config_hash(*nodes) -> str:

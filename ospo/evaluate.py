@@ -83,19 +83,25 @@ def validation_requests(cfg: DictConfig, data: Dataset) -> list[Sample]:
     return val[: cfg.rl.val_size] if cfg.rl.val_size else val
 
 
+def expand(
+    cfg: DictConfig, policy: Policy, samples: Sequence[Sample], desc: str, **sampling: Any
+) -> tuple[list[str], list[bool]]:
+    """One expansion of each request, in batches of ``eval.batch_size`` under the trainer's
+    autocast; ``sampling`` (do_sample, temperature) goes to :func:`generate_all` (greedy when
+    empty)."""
+    with autocast_for(cfg, policy):
+        return generate_all(
+            policy, samples, cfg.eval.batch_size, cfg.rl.max_new_tokens, desc=desc, **sampling
+        )
+
+
 def expand_split(
     cfg: DictConfig, policy: Policy, data: Dataset, desc: str, **sampling: Any
 ) -> tuple[list[Sample], list[str], list[bool]]:
-    """The first ``eval.size`` requests of ``eval.split`` and one expansion of each, under the
-    trainer's autocast; ``sampling`` (do_sample, temperature) goes to :func:`generate_all`
-    (greedy when empty)."""
+    """The first ``eval.size`` requests of ``eval.split`` and one :func:`expand` of each."""
     samples = data.splits[cfg.eval.split]
     samples = samples[: cfg.eval.size] if cfg.eval.size else samples
-    with autocast_for(cfg, policy):
-        texts, ended = generate_all(
-            policy, samples, cfg.eval.batch_size, cfg.rl.max_new_tokens, desc=desc, **sampling
-        )
-    return samples, texts, ended
+    return samples, *expand(cfg, policy, samples, desc, **sampling)
 
 
 def score_with_retrievers(

@@ -21,6 +21,13 @@ from torch import Tensor
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "token_sum_norm")
 
 
+def _check_aggregation(aggregation: str) -> None:
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(
+            f"unknown aggregation {aggregation!r}; expected one of {', '.join(AGGREGATIONS)}"
+        )
+
+
 def policy_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -45,10 +52,7 @@ def policy_loss(
     (rho > 1 + eps_high and A > 0), clip_ratio (their sum), ratio_mean, and kl / entropy
     (means over valid tokens) when computed.
     """
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(
-            f"unknown aggregation {aggregation!r}; expected one of {', '.join(AGGREGATIONS)}"
-        )
+    _check_aggregation(aggregation)
     if eps_low < 0 or eps_high < 0:
         raise ValueError(f"eps_low and eps_high must be >= 0, got {eps_low} and {eps_high}")
     if beta > 0 and ref_logp is None:
@@ -145,10 +149,7 @@ class PolicyLoss:
         aggregation: str = "token_mean",
         max_completion_length: int | None = None,
     ):
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(
-                f"unknown aggregation {aggregation!r}; expected one of {', '.join(AGGREGATIONS)}"
-            )
+        _check_aggregation(aggregation)
         self.eps_low, self.eps_high, self.beta = eps_low, eps_high, beta
         self.aggregation = aggregation
         self.max_completion_length = max_completion_length

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from ospo.build import build_policy, build_trainer
 from ospo.config import config_hash
 from ospo.data import Dataset, Sample
-from ospo.evaluate import autocast_for, generate_all, score_all, validation_requests
+from ospo.evaluate import expand, score_all, validation_requests
 from ospo.format import FormatCheck
 from ospo.interfaces import Reward
 from ospo.io import write_json
@@ -154,10 +154,7 @@ def check_warmup(
 ) -> dict[str, Any]:
     """Greedy expansions of the validation requests: format_ok against `sft.min_format_ok`."""
     val = validation_requests(cfg, data)
-    with autocast_for(cfg, policy):
-        texts, ended = generate_all(
-            policy, val, cfg.eval.batch_size, cfg.rl.max_new_tokens, desc="warm-up check"
-        )
+    texts, ended = expand(cfg, policy, val, desc="warm-up check")
     scores = score_all(texts, val, reward, format_check, ended)
     verdict = "ok" if scores["format_ok"] >= cfg.sft.min_format_ok else "BELOW TARGET"
     print(

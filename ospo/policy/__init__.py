@@ -12,9 +12,7 @@ ids) and its chat prompts; the work is done by one module per job, which its met
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -91,56 +89,12 @@ class Policy(torch.nn.Module):
         )
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
-    # ---- the jobs, one module each --------------------------------------------------------
-    def generate(
-        self,
-        messages_list: Sequence[Sequence[Mapping[str, str]]],
-        num_generations: int = 1,
-        max_new_tokens: int = 32,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        do_sample: bool = True,
-    ) -> Rollouts:
-        """`num_generations` completions per conversation: `ospo.policy.sampling.generate`."""
-        return sampling.generate(
-            self, messages_list, num_generations, max_new_tokens, temperature, top_p, do_sample
-        )
-
-    def token_logprobs(
-        self,
-        prompt_ids: Tensor,
-        prompt_mask: Tensor,
-        completion_ids: Tensor,
-        completion_mask: Tensor,
-        with_entropy: bool = False,
-        *,
-        temperature: float = 1.0,
-        group_size: int = 1,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """Per-token log-probs (N, T), and entropies with `with_entropy`:
-        `ospo.policy.logprobs.token_logprobs`."""
-        return logprobs.token_logprobs(
-            self,
-            prompt_ids,
-            prompt_mask,
-            completion_ids,
-            completion_mask,
-            with_entropy,
-            temperature=temperature,
-            group_size=group_size,
-        )
-
-    def merged_state_dict(self) -> dict[str, Tensor]:
-        """LoRA deltas folded into the base weights: `ospo.policy.saving.merged_state_dict`."""
-        return saving.merged_state_dict(self)
-
-    def save(self, path: str | os.PathLike, merged: bool = True) -> Path:
-        """Save atomically, merged weights or the adapter: `ospo.policy.saving.save`."""
-        return saving.save(self, path, merged)
-
-    def load(self, path: str | os.PathLike) -> Policy:
-        """Load weights saved by `save` in place: `ospo.policy.saving.load`."""
-        return saving.load(self, path)
+    # ---- the jobs, one module each: these functions take the policy as `self` ------------
+    generate = sampling.generate  # B prompts -> N = B * G completions with token spans
+    token_logprobs = logprobs.token_logprobs  # per-token log-probs (N, T), optional entropy
+    merged_state_dict = saving.merged_state_dict  # LoRA deltas folded into the base weights
+    save = saving.save  # atomically: merged weights (default) or the adapter
+    load = saving.load  # weights written by `save`, in place
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
