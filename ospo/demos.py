@@ -105,7 +105,7 @@ def rejection_sample_demos(
         )
         repeated = [s for s in batch for _ in range(num_samples)]  # prompt-major, as rollouts
         rewards = np.asarray(reward.score_texts(rollouts.texts, repeated), dtype=np.float64)
-        raw = np.asarray(reward.score_texts([s.request for s in batch], batch), dtype=np.float64)
+        raw = np.asarray(reward.score_queries([s.request for s in batch], batch), dtype=np.float64)
         ended = rollouts.ended.tolist() if rollouts.ended is not None else [True] * len(rewards)
         ok = format_ok(rollouts.texts, ended, check)
         for j, sample in enumerate(batch):

@@ -49,7 +49,10 @@ class Reward(Protocol):
     k: int
 
     def score_texts(self, texts: Sequence[str], samples: Sequence[Sample]) -> np.ndarray:
-        """Main-metric reward of each text for its sample: (N,)."""
+        """Main-metric reward of each completion (query = sample.prefix + text): (N,)."""
+
+    def score_queries(self, texts: Sequence[str], samples: Sequence[Sample]) -> np.ndarray:
+        """Main-metric reward of each whole query text (no prefix added): (N,)."""
 
     def metrics(
         self, texts: Sequence[str], samples: Sequence[Sample], k: int = 10

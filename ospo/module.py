@@ -151,7 +151,7 @@ class RLModule(pl.LightningModule):
             "train/frac_reward_zero_std": frac_zero_std(rewards, self.rl_step.num_generations),
             "train/loss": float(out.loss.detach()),
             "train/completion_length": float(ro.completion_mask.sum(1).float().mean()),
-            "train/format_ok": float(np.mean(format_ok(ro.texts, ro.ended, self.format_check))),
+            "train/format_ok": float(np.mean(out.well_formed)),
             "train/tokens_per_s": float(ro.completion_mask.sum() / step_s),
             "time/step_s": s["step"],
             "time/generate_s": s["generate"],

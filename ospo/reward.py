@@ -50,6 +50,15 @@ def join_texts(base_text: str, kept: str) -> str:
     return base_text or kept
 
 
+def query_text(sample: Any, completion: str) -> str:
+    """The query the retriever sees for a completion: ``sample.prefix`` + completion.
+
+    The prefix is the request in the append format (the policy writes only the words it adds)
+    and empty in the rewrite format (the completion is the whole query); see
+    :class:`ospo.data.Sample`."""
+    return join_texts(getattr(sample, "prefix", ""), completion)
+
+
 @dataclass(frozen=True)
 class Judgements:
     """A sample's judgements aligned with the columns it is ranked over.
@@ -187,7 +196,16 @@ class Reward:
 
     # -- public API --------------------------------------------------------------------------
     def score_texts(self, texts: Sequence[str], samples: Sequence[Any]) -> np.ndarray:
-        """Main-metric reward of each text for its sample.  # (N,)"""
+        """Main-metric reward of each completion for its sample: the retriever ranks
+        :func:`query_text` (the sample's prefix + the completion).  # (N,)"""
+        texts = list(texts)
+        if len(texts) != len(samples):
+            raise ValueError(f"got {len(texts)} texts for {len(samples)} samples; need one each")
+        return self.score_queries([query_text(s, t) for t, s in zip(texts, samples)], samples)
+
+    def score_queries(self, texts: Sequence[str], samples: Sequence[Any]) -> np.ndarray:
+        """Main-metric reward of each whole query text (no prefix added), e.g. the raw
+        request.  # (N,)"""
         texts = list(texts)
         if len(texts) != len(samples):
             raise ValueError(f"got {len(texts)} texts for {len(samples)} samples; need one each")
@@ -213,10 +231,12 @@ class Reward:
     def metrics(
         self, texts: Sequence[str], samples: Sequence[Any], k: int = 10
     ) -> dict[str, np.ndarray]:
-        """NDCG@k, Recall@k and MRR (no cutoff) of each text.  # each (N,)"""
+        """NDCG@k, Recall@k and MRR (no cutoff) of each completion's query
+        (:func:`query_text`).  # each (N,)"""
         texts = list(texts)
         if len(texts) != len(samples):
             raise ValueError(f"got {len(texts)} texts for {len(samples)} samples; need one each")
+        texts = [query_text(s, t) for t, s in zip(texts, samples)]
         out = {name: np.zeros(len(texts)) for name in (f"ndcg@{k}", f"recall@{k}", "mrr")}
         if not texts:
             return out
@@ -231,9 +251,9 @@ class Reward:
         return out
 
     def ranking(self, text: str, sample: Any, k: int | None = None) -> list[str]:
-        """The top-k product ids for ``text`` among the sample's candidates (for logging)."""
+        """The top-k product ids for a completion's query among the sample's candidates."""
         judged = self.judgements(sample)
-        row = self._restrict(self.retriever.score([text]), judged)  # (1, P)
+        row = self._restrict(self.retriever.score([query_text(sample, text)]), judged)  # (1, P)
         top = top_k_indices(row, self.k if k is None else k)[0]
         cols = top if judged.cols is None else judged.cols[top]
         return [self.retriever.doc_ids[c] for c in cols]

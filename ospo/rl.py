@@ -102,6 +102,8 @@ def run_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         segmenter=segmenter,
         attribution=attribution,
         ref_policy=ref,
+        format_check=format_check,
+        invalid_reward=cfg.rl.invalid_reward,
     )
     module = RLModule(
         step,

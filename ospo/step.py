@@ -26,6 +26,7 @@ from torch import Tensor
 from ospo.attribution import CountingValueFn
 from ospo.baseline import Baseline
 from ospo.data import Sample
+from ospo.format import FormatCheck, format_ok
 from ospo.interfaces import Attribution, Reward, Segmenter
 from ospo.policy import Policy, Rollouts
 
@@ -91,10 +92,29 @@ def rollout(
     )
 
 
-def score(reward: Reward, texts: Sequence[str], samples: Sequence[Sample]) -> np.ndarray:
-    """Reward of each completion for its request, (N,); the coalition memo starts empty."""
+def score(
+    reward: Reward,
+    texts: Sequence[str],
+    samples: Sequence[Sample],
+    well_formed: Sequence[bool] | None = None,
+    invalid_reward: float | None = None,
+) -> np.ndarray:
+    """Reward of each completion for its request, (N,); the coalition memo starts empty.
+
+    With `invalid_reward` set, a completion that fails the format check (`well_formed` False:
+    too long, no EOS, chat talk) gets that reward instead of its retrieval score, so stuffing
+    a query with words past the format's budget is a losing move."""
     reward.clear_cache()
-    return reward.score_texts(texts, samples)
+    r = reward.score_texts(texts, samples)  # (N,)
+    if invalid_reward is not None and well_formed is not None:
+        r = np.where(np.asarray(well_formed, dtype=bool), r, float(invalid_reward))
+    return r
+
+
+def coalition_base(sample: Sample, keep_query: bool) -> str:
+    """The text every coalition starts from, so v(empty) is its reward: the sample's query
+    prefix (the request, in the append format), else the request when `keep_query`, else ""."""
+    return sample.prefix or (sample.request if keep_query else "")
 
 
 @dataclass
@@ -122,15 +142,15 @@ def compute_credit(
 ) -> Credit:
     """Segment each completion and attribute its reward to the segments.
 
-    v(S) is the reward of the kept segments of S, after the request when `keep_query` (so
-    v(empty) is the request's own reward) and alone otherwise (v(empty) = reward of "").
+    v(S) is the reward of the kept segments of S after `coalition_base` (the request in the
+    append format or with `keep_query`, so v(empty) is the request's own reward; else "").
     Each completion's coalitions are scored in one batched call (`reward.coalition_value_fn`).
     """
     t0 = time.perf_counter()
     credit = Credit()
     for text, sample in zip(texts, samples, strict=True):
         seg = segmenter(text)
-        base = sample.request if keep_query else ""
+        base = coalition_base(sample, keep_query)
         value_fn = CountingValueFn(reward.coalition_value_fn(text, seg, sample, base_text=base))
         phi = attribution(value_fn, seg.unions)  # (n_i,)
         credit.segmentations.append(seg)
@@ -221,6 +241,7 @@ class StepResult:
     samples: list[Sample]  # N = B * G, the request of each completion
     rollouts: Rollouts
     rewards: np.ndarray  # (N,)
+    well_formed: list[bool]  # (N,) passed the format check
     credit: Credit  # empty for GRPO
     advantages: Tensor  # (N, T)
     advantage_stats: dict[str, float]
@@ -230,7 +251,10 @@ class StepResult:
 
 
 class RLStep:
-    """rollout -> score -> [credit] -> advantages -> update, timed part by part."""
+    """rollout -> score -> [credit] -> advantages -> update, timed part by part.
+
+    `format_check` marks each completion well-formed or not (logged; with `invalid_reward`
+    set, an ill-formed completion's reward is replaced by it, see `score`)."""
 
     def __init__(
         self,
@@ -242,6 +266,8 @@ class RLStep:
         segmenter: Segmenter | None = None,
         attribution: Attribution | None = None,
         ref_policy: Policy | None = None,
+        format_check: FormatCheck | None = None,
+        invalid_reward: float | None = None,
     ):
         if baseline.needs_credit and (segmenter is None or attribution is None):
             raise ValueError(f"{baseline.name} needs a segmenter and an attribution for credit")
@@ -250,6 +276,7 @@ class RLStep:
         self.policy, self.reward, self.baseline = policy, reward, baseline
         self.sampling, self.num_generations = sampling, num_generations
         self.segmenter, self.attribution, self.ref_policy = segmenter, attribution, ref_policy
+        self.format_check, self.invalid_reward = format_check, invalid_reward
 
     def __call__(
         self,
@@ -271,7 +298,8 @@ class RLStep:
 
         # 2. reward
         t0 = time.perf_counter()
-        rewards = score(self.reward, ro.texts, samples)  # (N,)
+        ok = format_ok(ro.texts, ro.ended, self.format_check)  # (N,) bool
+        rewards = score(self.reward, ro.texts, samples, ok, self.invalid_reward)  # (N,)
         seconds["reward"] = time.perf_counter() - t0
 
         # 3. credit (OSPO)
@@ -315,4 +343,6 @@ class RLStep:
         )
         seconds["update"] = time.perf_counter() - t0
         seconds["step"] = time.perf_counter() - t_step
-        return StepResult(samples, ro, rewards, credit, adv, adv_stats, loss, loss_metrics, seconds)
+        return StepResult(
+            samples, ro, rewards, ok, credit, adv, adv_stats, loss, loss_metrics, seconds
+        )

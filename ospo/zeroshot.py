@@ -19,6 +19,7 @@ import torch
 
 from ospo.evaluate import generate_all
 from ospo.format import FormatCheck
+from ospo.reward import query_text
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -65,20 +66,34 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     check = FormatCheck()
     done = [True] * len(samples)
+    # name -> (texts the format check reads, their EOS flags, whole query texts)
     rows = {
-        "raw request": ([s.request for s in samples], done),
-        "demonstrations": ([s.demo or s.request for s in samples], done),
-        "oracle (request + intent)": (
-            [f"{s.request} {' '.join(s.intent_words or [])}".strip() for s in samples],
+        "raw request": ([s.request for s in samples], done, [s.request for s in samples]),
+        "demonstrations": (
+            [s.demo or s.request for s in samples],
             done,
+            [query_text(s, s.demo) if s.demo else s.request for s in samples],
         ),
-        "SmolLM2 zero-shot sampled": (sampled, sampled_ended),
-        "SmolLM2 zero-shot greedy": (greedy, greedy_ended),
+        "oracle (request + intent)": (
+            [" ".join(s.intent_words or []) for s in samples],
+            done,
+            [f"{s.request} {' '.join(s.intent_words or [])}".strip() for s in samples],
+        ),
+        "SmolLM2 zero-shot sampled": (
+            sampled,
+            sampled_ended,
+            [query_text(s, t) for s, t in zip(samples, sampled, strict=True)],
+        ),
+        "SmolLM2 zero-shot greedy": (
+            greedy,
+            greedy_ended,
+            [query_text(s, t) for s, t in zip(samples, greedy, strict=True)],
+        ),
     }
     results = {}
     print(f"\n{'':28s} {'NDCG@10':>8s} {'format_ok':>10s}")
-    for name, (texts, ended) in rows.items():
-        ndcg = float(np.mean(reward.score_texts(texts, samples))) if samples else 0.0
+    for name, (texts, ended, queries) in rows.items():
+        ndcg = float(np.mean(reward.score_queries(queries, samples))) if samples else 0.0
         ok = check.rate(texts, ended)
         results[name] = (ndcg, ok)
         print(f"{name:28s} {ndcg:8.3f} {ok:10.1%}")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ospo.data import (
+    APPEND_SYSTEM_PROMPT,
     DEFAULT_SYSTEM_PROMPT,
     SPLITS,
     Dataset,
@@ -20,6 +21,7 @@ from ospo.data import (
 )
 from ospo.data.shop import AUDIENCES, CATEGORIES, FEATURES, USES, ShopData, ndcg_report
 from ospo.retriever import tokenize
+from ospo.reward import query_text
 
 CANONICAL = set(AUDIENCES) | set(FEATURES) | set(USES)
 
@@ -129,9 +131,10 @@ def test_default_sizes_and_categories(data):
         "name": "shop",
         "catalog": 6000,
         "train": 2000,
-        "val": 64,
-        "test": 200,
+        "val": 200,
+        "test": 500,
     }
+    assert data.completion == "append"
     cats = Counter(data.intents[i][0] for i in data.product_intent)
     assert len(cats) >= 10 and min(cats.values()) > 50
     pid, text = next(iter(data.catalog.items()))
@@ -197,7 +200,7 @@ def test_small_catalog_still_holds_out_seen_values():
     for j in range(4):
         held = {tuple(s.intent_words)[j] for s in d.split("test") + d.split("val")}
         assert held <= {i[j] for i in train}
-    assert len(d.split("test")) == 200 and len(d.split("val")) == 64
+    assert len(d.split("test")) == 500 and len(d.split("val")) == 200
 
 
 def test_requests_are_indirect(data):
@@ -210,7 +213,28 @@ def test_requests_are_indirect(data):
         assert toks & vocab <= set(CATEGORIES), (sample.request, toks & vocab)
 
 
-def test_intent_words_and_demos(data):
+@pytest.fixture(scope="module")
+def rewrite():
+    """The default task in the rewrite format (the completion is the whole query)."""
+    return ShopData(seed=0, completion="rewrite")
+
+
+def test_completion_formats(data, rewrite):
+    """Same task in both formats: append keeps only the words after the request, and the
+    request becomes the query prefix; rewrite keeps the whole demonstration and no prefix."""
+    for a, r in zip(all_samples(data), all_samples(rewrite), strict=True):
+        assert (a.qid, a.request, a.gains) == (r.qid, r.request, r.gains)
+        assert a.prefix == a.request and r.prefix == ""
+        assert r.demo == f"{r.request} {a.demo}".strip()
+        assert query_text(a, a.demo) == query_text(r, r.demo)
+    assert data.split("train")[0].messages[0]["content"] == APPEND_SYSTEM_PROMPT
+    assert rewrite.split("train")[0].messages[0]["content"] == DEFAULT_SYSTEM_PROMPT
+    with pytest.raises(ValueError, match="data.completion='full'.*append, rewrite|rewrite, append"):
+        ShopData(num_products=1500, completion="full")
+
+
+def test_intent_words_and_demos(rewrite):
+    data = rewrite
     kept = total = wrong = 0
     for sample in data.split("train"):
         assert sample.intent_words[3] in CATEGORIES and sample.intent_words[0] in AUDIENCES
@@ -233,7 +257,7 @@ def test_intent_words_and_demos(data):
 def test_demo_knobs():
     exact = ShopData(seed=0, num_products=1500, num_train=50, demo_keep=1.0, demo_noise=(1.0,))
     for s in exact.split("train"):
-        assert sorted(s.demo[len(s.request) :].split()) == sorted(s.intent_words)
+        assert sorted(s.demo.split()) == sorted(s.intent_words)
     with pytest.raises(ValueError, match="demo_keep"):
         ShopData(num_products=1500, demo_keep=1.5)
     with pytest.raises(ValueError, match="demo_noise"):
@@ -243,7 +267,7 @@ def test_demo_knobs():
 def test_messages_and_templates(small):
     s = small.split("train")[0]
     assert s.messages == [
-        {"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+        {"role": "system", "content": APPEND_SYSTEM_PROMPT},
         {"role": "user", "content": s.request},
     ]
     custom = ShopData(
@@ -251,6 +275,8 @@ def test_messages_and_templates(small):
     )
     assert custom.split("train")[0].messages[1]["content"].startswith("Q: ")
     assert custom.split("train")[0].messages[0]["content"] == "SYS"
+    bare = ShopData(seed=3, num_products=1500, num_train=5, system_prompt="")
+    assert [m["role"] for m in bare.split("train")[0].messages] == ["user"]
     assert len({s.qid for s in all_samples(small)}) == len(all_samples(small))
 
 

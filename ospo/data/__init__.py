@@ -42,7 +42,21 @@ DEFAULT_SYSTEM_PROMPT = (
     "Rewrite the shopping request as a one-line search query: keep its words, add the product "
     "attributes it implies."
 )
-"""System prompt of every data set unless the data config overrides it."""
+"""System prompt of the rewrite format unless the data config overrides it."""
+
+APPEND_SYSTEM_PROMPT = (
+    "List the product attributes the shopping request implies, as a few search words on one "
+    "line."
+)
+"""System prompt of the append format unless the data config overrides it."""
+
+COMPLETION_FORMATS: dict[str, str] = {"rewrite": DEFAULT_SYSTEM_PROMPT, "append": APPEND_SYSTEM_PROMPT}
+"""What the policy writes (``data.completion``), and each format's default system prompt:
+
+* ``rewrite``: the whole query (request words kept, attributes added); query = completion.
+* ``append``: only the words it adds; the environment forms query = request + completion, so
+  every generated token is a decision and v(empty) is the request's own score.
+"""
 
 
 @dataclass
@@ -60,7 +74,8 @@ class Sample:
     gains: dict[str, float]  # product id -> graded gain (>0 relevant)
     pool: list[str] | None = None  # candidate product ids; None = full catalog
     intent_words: list[str] | None = None  # latent-intent words (embedded task only)
-    demo: str | None = None  # demonstration expansion for supervised warm-up
+    demo: str | None = None  # demonstration completion for supervised warm-up
+    prefix: str = ""  # put before the completion to form the query: the request (append) or ""
 
 
 class Dataset:
@@ -74,7 +89,13 @@ class Dataset:
     config_name: str = ""  # the `data` option that builds this class
     root_help: str = "the data folder"  # what `data.root` must hold, and where to get it
 
-    def __init__(self, name: str, catalog: dict[str, str], splits: dict[str, list[Sample]]):
+    def __init__(
+        self,
+        name: str,
+        catalog: dict[str, str],
+        splits: dict[str, list[Sample]],
+        completion: str = "rewrite",
+    ):
         missing = [s for s in SPLITS if s not in splits]
         if missing:
             raise ValueError(f"splits must have keys {list(SPLITS)}, missing {missing}")
@@ -84,6 +105,9 @@ class Dataset:
         self.name = name
         self.catalog = catalog
         self.splits = splits
+        self.completion = completion
+        for samples in splits.values():
+            set_completion_format(samples, completion)
 
     def split(self, name: str) -> list[Sample]:
         """The samples of split ``name`` ("train", "val" or "test")."""
@@ -103,6 +127,35 @@ class Dataset:
     def __repr__(self) -> str:
         sizes = ", ".join(f"{k}={v}" for k, v in self.summary().items() if k != "name")
         return f"{type(self).__name__}({self.name!r}: {sizes})"
+
+
+def check_completion(completion: str) -> str:
+    """``completion`` if it names a format of :data:`COMPLETION_FORMATS`, else a ValueError."""
+    if completion not in COMPLETION_FORMATS:
+        raise ValueError(
+            f"data.completion={completion!r}: expected one of {', '.join(COMPLETION_FORMATS)}"
+        )
+    return completion
+
+
+def default_prompt(completion: str, system_prompt: str | None) -> str | None:
+    """The system prompt: ``system_prompt`` when given ("" = none), else the format's default."""
+    if system_prompt is None:
+        return COMPLETION_FORMATS[check_completion(completion)]
+    return system_prompt or None
+
+
+def set_completion_format(samples: Iterable[Sample], completion: str) -> None:
+    """Set each sample's query prefix and demonstration for the ``completion`` format.
+
+    append: prefix = the request, and a demonstration that starts with the request (as every
+    loader writes them) keeps only what follows it. rewrite: prefix = "", demos unchanged.
+    """
+    append = check_completion(completion) == "append"
+    for s in samples:
+        s.prefix = s.request if append else ""
+        if append and s.demo is not None and s.demo.startswith(s.request):
+            s.demo = s.demo[len(s.request) :].strip()
 
 
 def make_messages(

@@ -44,7 +44,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ospo.data import DEFAULT_SYSTEM_PROMPT, SPLITS, Dataset, Sample, build_pool, make_messages
+from ospo.data import (
+    SPLITS,
+    Dataset,
+    Sample,
+    build_pool,
+    check_completion,
+    default_prompt,
+    make_messages,
+)
 
 
 @dataclass(frozen=True)
@@ -621,7 +629,11 @@ class ShopData(Dataset):
             and test (at least enough for one request each when possible).
         pool_size: None (rank the whole catalog) or the candidate-pool size (judged + seeded
             negatives, see :func:`ospo.data.build_pool`).
-        system_prompt, user_template: chat messages (``user_template`` takes ``{request}``).
+        completion: what the policy writes (:data:`ospo.data.COMPLETION_FORMATS`): "append"
+            (only the attribute words; query = request + completion) or "rewrite" (the whole
+            query; demonstrations are request + words).
+        system_prompt, user_template: chat messages (``user_template`` takes ``{request}``);
+            ``system_prompt`` None = the completion format's default, "" = no system message.
         demo_keep: probability of keeping each intent word in a demonstration.
         demo_noise: probabilities of adding 0, 1, 2, ... wrong words to a demonstration.
     """
@@ -631,12 +643,13 @@ class ShopData(Dataset):
         seed: int = 0,
         num_products: int = 6000,
         num_train: int = 2000,
-        num_val: int = 64,
-        num_test: int = 200,
-        val_intent_fraction: float = 0.08,
+        num_val: int = 200,
+        num_test: int = 500,
+        val_intent_fraction: float = 0.12,
         test_intent_fraction: float = 0.2,
         pool_size: int | None = None,
-        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        completion: str = "append",
+        system_prompt: str | None = None,
         user_template: str = "{request}",
         demo_keep: float = 0.85,
         demo_noise: tuple[float, ...] | list[float] = (0.5, 0.35, 0.15),
@@ -648,6 +661,8 @@ class ShopData(Dataset):
                 raise ValueError(f"{name} must be >= 0, got {n}")
         if not 0.0 <= demo_keep <= 1.0:
             raise ValueError(f"demo_keep must be a probability in [0, 1], got {demo_keep}")
+        check_completion(completion)
+        system_prompt = default_prompt(completion, system_prompt)
         noise = tuple(float(p) for p in demo_noise)
         if not noise or min(noise) < 0 or sum(noise) <= 0:
             raise ValueError(f"demo_noise must be non-negative weights, got {demo_noise!r}")
@@ -711,7 +726,7 @@ class ShopData(Dataset):
                 )
             splits[name] = samples
         self.split_intents = {k: [self.intents[int(i)] for i in v] for k, v in groups.items()}
-        super().__init__("shop", catalog, splits)
+        super().__init__("shop", catalog, splits, completion)
 
 
 def _request_intents(rng: np.random.Generator, group: np.ndarray, count: int) -> np.ndarray:
@@ -760,6 +775,7 @@ def ndcg_report(data: Dataset, split: str = "test", k: int = 10) -> dict[str, fl
     """Mean BM25 NDCG@k of the raw requests, the oracle (request + intent words) and the demos."""
     from ospo.metrics import ndcg_at_k
     from ospo.retriever import BM25
+    from ospo.reward import join_texts
 
     retriever = BM25()
     retriever.index(data.catalog)
@@ -769,7 +785,7 @@ def ndcg_report(data: Dataset, split: str = "test", k: int = 10) -> dict[str, fl
     variants = {
         "raw": [s.request for s in samples],
         "oracle": [f"{s.request} {' '.join(s.intent_words or [])}" for s in samples],
-        "demo": [s.demo or s.request for s in samples],
+        "demo": [join_texts(s.prefix, s.demo) if s.demo else s.request for s in samples],
     }
     out = {}
     for name, texts in variants.items():
