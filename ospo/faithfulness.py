@@ -9,14 +9,15 @@ latent attribute. Usage::
 Steps (numbered as in :func:`evaluate`):
 
 1. Completions: for each of the first ``n`` requests of the split, its demonstration
-   (``sample.demo``: the request followed by a partial, noisy list of attribute words, so right
-   and wrong words are mixed), or, when a sample has none, one built the same way
-   (:func:`make_completion`).
-2. Players: :class:`ospo.segmenter.PhraseSegmenter` (default config: at most 8 phrases, unions
-   = clauses). A segment "contains an intent word" when one of its tokens
+   (``sample.demo``: a partial, noisy list of attribute words, so right and wrong words are
+   mixed; after the request in the rewrite format), or, when a sample has none, one built the
+   same way (:func:`make_completion`).
+2. Players: :class:`ospo.segmenter.PhraseSegmenter` (default config: one word per player, at
+   most 10, unions = clauses). A segment "contains an intent word" when one of its tokens
    (:func:`ospo.retriever.tokenize`) is a token of the request's ``intent_words``.
-3. Game: v(S) = BM25 NDCG@10 of the kept segments' text (:class:`ospo.reward.NDCG` over
-   :class:`ospo.retriever.BM25` indexed on the catalog, ``coalition_value_fn``, empty base).
+3. Game: the training game, v(S) = BM25 NDCG@10 of the query prefix (the request, in the
+   append format) followed by the kept segments (:class:`ospo.reward.NDCG` over
+   :class:`ospo.retriever.BM25` indexed on the catalog, ``coalition_value_fn``).
 4. Credit: exact Owen, exact Shapley, Monte-Carlo Shapley (antithetic pairs) at 8 / 32 / 128 /
    512 permutations, and a random-credit baseline (iid standard normal, seeded per request).
 5. Metrics per request (pure functions below):
@@ -155,9 +156,9 @@ def make_completion(
 ) -> str:
     """The sample's demonstration, or one built like it when it has none.
 
-    Built: the request, then each intent word kept with probability ``keep`` plus 0-2 wrong
-    words (from ``vocabulary`` minus the intent words; probabilities 0.5 / 0.35 / 0.15, as
-    the embedded task's demos), shuffled.
+    Built: each intent word kept with probability ``keep`` plus 0-2 wrong words (from
+    ``vocabulary`` minus the intent words; probabilities 0.5 / 0.35 / 0.15, as the embedded
+    task's demos), shuffled; after the request unless the sample has a query prefix (append).
     """
     if getattr(sample, "demo", None):
         return sample.demo
@@ -167,7 +168,7 @@ def make_completion(
     count = min(int(rng.choice(3, p=[0.5, 0.35, 0.15])), len(wrong))
     words += [wrong[int(i)] for i in rng.choice(len(wrong), size=count, replace=False)]
     words = [words[int(i)] for i in rng.permutation(len(words))]
-    return " ".join([sample.request, *words])
+    return " ".join(words if getattr(sample, "prefix", "") else [sample.request, *words])
 
 
 def attribute(
@@ -251,7 +252,7 @@ def evaluate(
             continue
         texts = seg.texts(text)
         # 3-4. game and credits
-        value_fn = reward.coalition_value_fn(text, seg, sample)
+        value_fn = reward.coalition_value_fn(text, seg, sample, base_text=sample.prefix)
         out = attribute(value_fn, seg.unions, (seed, i))
         # 5. metrics
         phi = out["phi"]

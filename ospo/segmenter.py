@@ -250,9 +250,9 @@ class PhraseSegmenter:
 
     def __init__(
         self,
-        max_segments: int | None = 8,
+        max_segments: int | None = 10,
         answer_tag: str | None = "answer",
-        max_phrase_words: int | None = 4,
+        max_phrase_words: int | None = 1,
         glue_words: Sequence[str] | None = None,
     ):
         self.max_segments = _check_cap(max_segments)
