@@ -11,7 +11,7 @@ section 4 the data flow of one step):
     format         what counts as a well-formed query
     segmenter      completion -> players (spans) and unions
     attribution    exact Owen / Shapley, Monte-Carlo Shapley
-    retriever      BM25 (bm25s), BM25+ / BM25L (rank-bm25), Dense (MiniLM)
+    retriever      BM25 (bm25s), BM25+ / BM25L (rank-bm25), QueryLikelihood, TfidfCosine, Dense
     metrics        NDCG@k, recall@k, MRR
     reward         rewards of texts and of coalitions of segments
     advantage      GRPO and OSPO estimators -> per-token advantages

@@ -26,9 +26,10 @@ ValueFn = Callable[[np.ndarray], np.ndarray]
 
 @runtime_checkable
 class Retriever(Protocol):
-    """Ranks a catalog for query texts (`ospo.retriever.BM25`, `BM25Plus`, `BM25L`, `Dense`)."""
+    """Ranks a catalog for query texts (`ospo.retriever.BM25`, `BM25Plus`, `BM25L`,
+    `QueryLikelihood`, `TfidfCosine`, `Dense`)."""
 
-    additive: bool  # score(text) == sum of its segments' segment_scores rows (BM25 family)
+    additive: bool  # score(text) == sum of its segments' segment_scores rows (BM25 family, QLD)
     doc_ids: list[str]  # product id of each score column
 
     def index(self, catalog: Mapping[str, str]) -> None:
