@@ -108,17 +108,33 @@ def test_answer_span_without_tag():
 # ----------------------------------------------------------------------------- phrases
 
 
+# Phrase-level players (the segmenter's rules); the default is one word per player.
+PHRASES = PhraseSegmenter(max_segments=8, max_phrase_words=None)
+
+
 def test_phrase_example():
     text = "warm kids ski jacket, insulated waterproof, for winter"
-    seg = PhraseSegmenter()(text)
+    seg = PHRASES(text)
     check_valid(seg, text)
     assert seg.texts(text) == ["warm kids ski jacket", "insulated waterproof", "winter"]
     assert seg.unions == [[0, 1, 2]]
 
 
+def test_default_players_are_words():
+    """Each attribute word is its own player, so a wrong word never shares a player (and its
+    credit) with a right one; glue words and punctuation still belong to none."""
+    text = "kids insulated ski jacket, for winter"
+    seg = PhraseSegmenter()(text)
+    check_valid(seg, text)
+    assert seg.texts(text) == ["kids", "insulated", "ski", "jacket", "winter"]
+    assert seg.unions == [[0, 1, 2, 3, 4]]
+    long = " ".join(f"w{i}" for i in range(14))
+    assert PhraseSegmenter()(long).n == 10  # merged down to max_segments
+
+
 def test_phrase_glue_words_are_not_covered():
     text = "red dress with pockets and belt for a wedding or party"
-    seg = PhraseSegmenter(max_segments=None)(text)
+    seg = PhraseSegmenter(max_segments=None, max_phrase_words=None)(text)
     check_valid(seg, text)
     assert seg.texts(text) == ["red dress", "pockets", "belt", "a wedding", "party"]
     mask = covered(seg, len(text))
@@ -130,7 +146,7 @@ def test_phrase_glue_words_are_not_covered():
 
 def test_phrase_punctuation_splits_and_unions():
     text = "red dress (midi) / blue; cotton - linen. Size M\nfor summer | beach"
-    seg = PhraseSegmenter(max_segments=None)(text)
+    seg = PhraseSegmenter(max_segments=None, max_phrase_words=None)(text)
     check_valid(seg, text)
     assert seg.texts(text) == [
         "red dress",
@@ -148,7 +164,7 @@ def test_phrase_punctuation_splits_and_unions():
 
 def test_phrase_keeps_word_internal_punctuation():
     text = "t-shirt 2.5 inch, 1,000 pcs, women's 24/7 e.g. Dr. Martens"
-    seg = PhraseSegmenter(max_segments=None)(text)
+    seg = PhraseSegmenter(max_segments=None, max_phrase_words=None)(text)
     check_valid(seg, text)
     assert seg.texts(text)[:4] == ["t-shirt 2.5 inch", "1,000 pcs", "women's 24/7", "Dr"]
     assert seg.unions == [list(range(seg.n))]  # abbreviation dots end no clause
@@ -170,18 +186,18 @@ def test_phrase_word_chunking():
 
 def test_phrase_answer_tag_offsets_into_full_text():
     text = "<think>for kids, warm</think>\n<answer> ski jacket, insulated </answer> and more"
-    seg = PhraseSegmenter()(text)
+    seg = PHRASES(text)
     region = answer_span(text)
     check_valid(seg, text, region)
     assert seg.texts(text) == ["ski jacket", "insulated"]
     assert seg.spans[0][0] == text.index("ski jacket")
-    whole = PhraseSegmenter(answer_tag=None)(text)
+    whole = PhraseSegmenter(answer_tag=None, max_phrase_words=None)(text)
     assert whole.n > seg.n
 
 
 def test_phrase_unclosed_answer():
     text = "<answer>red dress, with pockets"
-    seg = PhraseSegmenter()(text)
+    seg = PHRASES(text)
     assert seg.texts(text) == ["red dress", "pockets"]
 
 
@@ -335,7 +351,7 @@ def test_unicode(segmenter):
 
 def test_phrase_unicode_pieces():
     text = "Crème brûlée café, für Kinder 🎿🧥. 保暖儿童滑雪夹克，防水"
-    seg = PhraseSegmenter(max_segments=None)(text)
+    seg = PhraseSegmenter(max_segments=None, max_phrase_words=None)(text)
     assert seg.texts(text) == ["Crème brûlée café", "für Kinder 🎿🧥", "保暖儿童滑雪夹克", "防水"]
     assert seg.unions == [[0, 1], [2, 3]]
 

@@ -15,12 +15,17 @@ from ospo.policy import build_tiny
 from ospo.retriever import BM25, BM25L, BM25Plus
 from ospo.reward import NDCG, Recall
 from ospo.segmenter import PhraseSegmenter, SentenceSegmenter
-from ospo.step import RLStep, Sampling, clip_grad_norm, compute_credit, score
+from ospo.step import RLStep, Sampling, clip_grad_norm, coalition_base, compute_credit, score
 
 
 @pytest.fixture(scope="module")
 def shop():
     return ShopData(num_products=300, seed=0)
+
+
+@pytest.fixture(scope="module")
+def shop_rewrite():
+    return ShopData(num_products=300, seed=0, completion="rewrite")
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +72,8 @@ def test_policy_loss_object_matches_the_function():
         PolicyLoss(aggregation="mean")
 
 
-def test_compute_credit_counts_coalitions_and_honours_keep_query(shop, reward):
-    samples = shop.splits["test"][:3]
+def test_compute_credit_counts_coalitions_and_honours_keep_query(shop_rewrite, reward):
+    samples = shop_rewrite.splits["test"][:3]
     texts = [f"{s.request} waterproof, for kids and warm" for s in samples]
     seg = PhraseSegmenter(max_segments=6)
     for keep_query in (False, True):
@@ -83,6 +88,31 @@ def test_compute_credit_counts_coalitions_and_honours_keep_query(shop, reward):
                 np.array([[False] * segm.n, [True] * segm.n])
             )
             assert phi.sum() == pytest.approx(ends[1] - ends[0])  # efficiency with this v(empty)
+
+
+def test_append_format_plays_the_game_after_the_request(shop, shop_rewrite, reward):
+    """Append: the reward ranks request + completion, and every coalition starts from the
+    request whatever keep_query says, so v(empty) = the request's own reward."""
+    a, r = shop.splits["test"][0], shop_rewrite.splits["test"][0]
+    words = "waterproof kids warm"
+    assert reward.score_texts([words], [a])[0] == reward.score_texts([f"{a.request} {words}"], [r])[0]
+    assert reward.score_queries([a.request], [a])[0] == reward.score_texts([a.request], [r])[0]
+    assert coalition_base(a, False) == coalition_base(a, True) == a.request
+    assert (coalition_base(r, False), coalition_base(r, True)) == ("", r.request)
+    seg = PhraseSegmenter()
+    credit = compute_credit([words], [a], seg, Owen(), reward, keep_query=False)
+    full = reward.score_texts([words], [a])[0] - reward.score_queries([a.request], [a])[0]
+    assert credit.phis[0].sum() == pytest.approx(full)  # efficiency from v(request)
+    assert credit.segments == [3]
+
+
+def test_score_gives_ill_formed_completions_the_invalid_reward(shop, reward):
+    samples = shop.splits["test"][:3]
+    texts = ["waterproof kids", "kids", "warm"]
+    plain = score(reward, texts, samples)
+    gated = score(reward, texts, samples, [True, False, True], invalid_reward=-0.5)
+    assert gated[0] == plain[0] and gated[2] == plain[2] and gated[1] == -0.5
+    assert np.array_equal(score(reward, texts, samples, [False] * 3, None), plain)
 
 
 def test_score_clears_the_coalition_memo(shop, reward):
