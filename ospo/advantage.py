@@ -1,9 +1,10 @@
-"""Advantage estimators: GRPO (sequence-level credit) and OSPO (segment-level credit).
+"""Advantage estimators: GRPO (sequence-level credit), OSPO (segment-level credit) and two
+controls, RandomCredit (OSPO on shuffled credit) and EntropyCredit (GTPO-style entropy credit).
 
-Config group `baseline` (grpo, ospo). The maths follows docs/design.md section 2, which reads the
-OSPO paper (Nath et al., arXiv 2601.08403) as potential-based redistribution: segment credits
-act as a potential over prefixes, so moving a completion's advantage between its tokens while
-keeping the mean leaves the optimal policy unchanged.
+Config group `baseline` (grpo, ospo, random_credit, entropy). The maths follows docs/design.md
+section 2, which reads the OSPO paper (Nath et al., arXiv 2601.08403) as potential-based
+redistribution: segment credits act as a potential over prefixes, so moving a completion's
+advantage between its tokens while keeping the mean leaves the optimal policy unchanged.
 
 Pipeline for one batch (N = B * G completions, prompt-major: rows g*G .. g*G+G-1 form a group):
 
@@ -14,6 +15,9 @@ Pipeline for one batch (N = B * G completions, prompt-major: rows g*G .. g*G+G-1
 5. optional clipping of A_{i,t} to +-kappa * std_i(A_i)
 
 `GRPO` stops after step 1 (every valid token gets A_i); `OSPO` runs all five steps.
+`RandomCredit` runs OSPO's five steps on each completion's phi shuffled among its segments;
+`EntropyCredit` replaces steps 2-3 by the policy's token entropy (`entropy_weights`).
+Every estimator logs `cos_to_grpo`, the cosine between its token advantages and GRPO's.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import Tensor
 
 SCALES = ("group", "batch", "none")
 WEIGHTINGS = ("prop", "rank", "hybrid", "signed")
+NEGATIVES = ("entropy", "inverse")
 
 # Credits whose spread (max - min) is below this fraction of max(1, |credit|) count as uniform,
 # so float noise in otherwise equal Owen values cannot turn into a 0/1 min-max weighting.
@@ -212,7 +217,74 @@ def redistribute(advantage: float, u) -> Tensor:
     return (float(advantage) * (w / m)).to(torch.float32)
 
 
-# 5. Estimators ------------------------------------------------------------------------------
+def entropy_weights(
+    entropy, advantage: float = 1.0, negative: str = "entropy", inverse_eps: float = 0.1
+) -> Tensor:
+    """Token weights from the policy's per-token entropy H_t (GTPO-style, docs/design.md 2.9).
+
+    * A_i >= 0, or `negative="entropy"`:   u_t = H_t
+    * A_i < 0 and `negative="inverse"`:     u_t = 1 / (H_t + inverse_eps)     (GTPO)
+    `redistribute` then normalises u to mean 1. H_t is clamped at 0 (float rounding can give
+    tiny negatives). All ones when H is all zero, not finite anywhere, or uniform (spread within
+    a 1e-6 relative tolerance), so such a completion keeps GRPO's A_i exactly.
+
+    entropy: (T,) entropy of completion i's valid tokens. Returns u (T,) float32.
+    """
+    _check_choice("negative", negative, NEGATIVES)
+    if not inverse_eps > 0:
+        raise ValueError(f"inverse_eps must be positive, got {inverse_eps}")
+    h = torch.as_tensor(entropy).detach().cpu().to(torch.float64).reshape(-1)  # (T,)
+    u = torch.ones_like(h)  # (T,)
+    if h.numel() == 0 or not torch.isfinite(h).all():
+        return u.to(torch.float32)
+    h = h.clamp(min=0.0)
+    lo, hi = h.min(), h.max()
+    if hi <= 0 or hi - lo <= _UNIFORM_RTOL * max(1.0, float(hi)):
+        return u.to(torch.float32)
+    if advantage < 0 and negative == "inverse":
+        return (1.0 / (h + inverse_eps)).to(torch.float32)
+    return h.to(torch.float32)
+
+
+# 5. Diagnostics -----------------------------------------------------------------------------
+
+
+def cos_to_grpo(advantages, grpo_advantages, mask) -> float:
+    """Cosine similarity between token advantages and GRPO's uniform ones, over valid tokens.
+
+        cos = sum_{(i,t) valid} A_{i,t} * A_i
+              / (sqrt(sum_{(i,t) valid} A_{i,t}^2) * sqrt(sum_{(i,t) valid} A_i^2))
+
+    over the valid tokens of the whole batch (padding is ignored). `grpo_advantages` is either
+    the sequence advantages A_i (N,), broadcast to every valid token, or GRPO's (N, T) output.
+    1.0 means the estimator moved no advantage between tokens (up to a positive scale); lower
+    values measure how far the redistribution turned the update away from GRPO's.
+    Degenerate cases: identical vectors give exactly 1.0 (so also both all zero, e.g. a batch
+    whose groups all have equal rewards); otherwise a zero vector gives 0.0. Computed in
+    float64, clamped to [-1, 1].
+
+    advantages: (N, T); grpo_advantages: (N,) or (N, T); mask: (N, T), nonzero = valid.
+    """
+    valid = torch.as_tensor(mask).detach().cpu() != 0  # (N, T)
+    a = torch.as_tensor(advantages).detach().cpu().to(torch.float64)  # (N, T)
+    g = torch.as_tensor(grpo_advantages).detach().cpu().to(torch.float64)
+    if g.dim() == 1 and g.shape[0] == valid.shape[0]:
+        g = g[:, None].expand(valid.shape)  # (N, T)
+    if a.shape != valid.shape or g.shape != valid.shape:
+        raise ValueError(
+            f"advantages {tuple(a.shape)} and grpo_advantages {tuple(g.shape)} must match "
+            f"the mask's shape {tuple(valid.shape)} (grpo_advantages may also be (N,))"
+        )
+    x, y = a[valid], g[valid]  # (V,) valid tokens only
+    if torch.equal(x, y):
+        return 1.0
+    nx, ny = x.norm(), y.norm()
+    if nx == 0 or ny == 0:
+        return 0.0
+    return float((x @ y / (nx * ny)).clamp(-1.0, 1.0))
+
+
+# 6. Estimators ------------------------------------------------------------------------------
 
 
 def _reward_stats(r: Tensor, adv: Tensor, group_size: int) -> dict[str, float]:
@@ -225,14 +297,27 @@ def _reward_stats(r: Tensor, adv: Tensor, group_size: int) -> dict[str, float]:
     }
 
 
+def _clip(out: Tensor, valid: Tensor, adv: Tensor, kappa: float | None) -> tuple[Tensor, float]:
+    """Clamp token advantages (N, T) to +-kappa * std(A_i) (unbiased; skipped when N = 1 or
+    kappa is None). Returns the clipped advantages and the fraction of valid tokens clipped."""
+    if kappa is None or adv.numel() < 2:
+        return out, 0.0
+    bound = kappa * float(adv.std())
+    clipped = valid & (out.abs() > bound)  # (N, T)
+    frac = float(clipped.sum()) / max(int(valid.sum()), 1)
+    return out.clamp(-bound, bound), frac
+
+
 class GRPO:
     """Sequence-level credit: every valid token of completion i gets A_i
     (docs/design.md section 2.1).
 
     Returns the (N, T) advantages and their stats: frac_reward_zero_std, reward_mean,
-    reward_std, adv_abs_mean and adv_std (python floats). Needs no segment credit."""
+    reward_std, adv_abs_mean, adv_std and cos_to_grpo (1.0 by definition) as python floats.
+    Needs no segment credit and no entropy."""
 
     needs_credit = False
+    needs_entropy = False
 
     def __init__(self, scale: str = "group", eps: float = 1e-4):
         _check_choice("scale", scale, SCALES)
@@ -247,7 +332,9 @@ class GRPO:
         _check_mask(mask, r.numel())
         adv = group_advantages(r, group_size, self.scale, self.eps)  # (N,)
         out = adv[:, None] * (mask.cpu() != 0).to(torch.float32)  # (N, T), 0 on padding
-        return out.to(mask.device), _reward_stats(r, adv, group_size)
+        stats = _reward_stats(r, adv, group_size)
+        stats["cos_to_grpo"] = cos_to_grpo(out, adv, mask)
+        return out.to(mask.device), stats
 
 
 class OSPO:
@@ -258,11 +345,16 @@ class OSPO:
     uniform A_i when its reward is 0, it has no segments, or its phi is missing, all zero or
     not finite. With `clip_kappa`, token advantages are clipped (after redistribution, on every
     row) to +-clip_kappa * std of the batch's A_i (unbiased std; skipped when it is undefined);
-    clipping may break the exact mean. Returns the (N, T) advantages and GRPO's stats plus
-    frac_fallback and frac_clipped. Needs the segment credit of every completion.
+    clipping may break the exact mean. Returns the (N, T) advantages and GRPO's stats
+    (cos_to_grpo after clipping) plus frac_fallback and frac_clipped. Needs the segment credit
+    of every completion, no entropy.
+
+    `transform_phis` is the hook through which subclasses change the credit before it is used
+    (identity here; `RandomCredit` shuffles it).
     """
 
     needs_credit = True
+    needs_entropy = False
 
     def __init__(
         self,
@@ -307,6 +399,7 @@ class OSPO:
                 raise ValueError(
                     f"{name} has {len(items)} entries, expected one per reward ({n_rows})"
                 )
+        phis = self.transform_phis(phis)
         adv = group_advantages(r, group_size, self.scale, self.eps)  # (N,)
         valid = mask.cpu() != 0  # (N, T)
         out = torch.zeros(valid.shape, dtype=torch.float32)  # (N, T)
@@ -339,15 +432,144 @@ class OSPO:
             credit, covered = token_credit(token_spans[i], seg_spans, phi)  # (T_i,), (T_i,)
             u = credit_weights(credit, covered, self.weighting, self.alpha, a)  # (T_i,)
             out[i, pos] = redistribute(a, u)
-        frac_clipped = 0.0
-        if self.clip_kappa is not None and n_rows > 1:
-            bound = self.clip_kappa * float(adv.std())
-            clipped = valid & (out.abs() > bound)
-            frac_clipped = float(clipped.sum()) / max(int(valid.sum()), 1)
-            out = out.clamp(-bound, bound)
+        out, frac_clipped = _clip(out, valid, adv, self.clip_kappa)
         stats = _reward_stats(r, adv, group_size)
         stats["frac_fallback"] = fallbacks / max(n_rows, 1)
         stats["frac_clipped"] = frac_clipped
+        stats["cos_to_grpo"] = cos_to_grpo(out, adv, valid)
+        return out.to(mask.device), stats
+
+    def transform_phis(self, phis: Sequence) -> Sequence:
+        """The segment credits the redistribution uses, one entry (n_i,) or None per completion.
+        OSPO uses them as they are."""
+        return phis
+
+
+class RandomCredit(OSPO):
+    """Control: OSPO's redistribution on credit shuffled among each completion's segments.
+
+    phi'_i = phi_i[pi_i],  pi_i a uniform random permutation of completion i's n_i segments,
+
+    then exactly OSPO (same weighting, alpha, clip, fall-backs). The weights u_t keep OSPO's
+    values per segment, only their assignment to segments is random: whatever OSPO gains over
+    this control is due to *which* segments get the credit, not to the spread of the token
+    advantages. The Generator `self.rng` is seeded once at construction and advances per call
+    (one permutation per completion with a phi, in row order), like `ospo.attribution`'s
+    (save `rng.bit_generator.state` to resume). Needs the segment credit (`needs_credit`).
+    """
+
+    def __init__(
+        self,
+        scale: str = "group",
+        eps: float = 1e-4,
+        weighting: str = "hybrid",
+        alpha: float = 0.7,
+        clip_kappa: float | None = None,
+        seed: int = 0,
+    ):
+        super().__init__(scale, eps, weighting, alpha, clip_kappa)
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+
+    def transform_phis(self, phis: Sequence) -> list:
+        """Each phi (n_i,) permuted by `self.rng.permutation(n_i)`; None stays None."""
+        out = []
+        for phi in phis:
+            if phi is None:
+                out.append(None)
+                continue
+            values = np.asarray(phi, dtype=np.float64).reshape(-1)  # (n_i,)
+            out.append(values[self.rng.permutation(values.size)])
+        return out
+
+
+class EntropyCredit:
+    """Control: token credit from the policy's entropy, GTPO-style (docs/design.md 2.9).
+
+    Per completion, over its valid tokens, with H_t the policy's entropy at token t:
+
+        u_t = H_t                                  (A_i >= 0; A_i < 0 with negative="entropy")
+        u_t = 1 / (H_t + inverse_eps)              (A_i < 0 with negative="inverse", GTPO)
+        A_{i,t} = A_i * u_t / mean_t(u_t)          (`redistribute`: mean_t A_{i,t} = A_i)
+
+    then the same optional clip as OSPO. A completion whose entropy is all zero, uniform or
+    not finite keeps GRPO's uniform A_i (`frac_fallback`); uniform entropy gives GRPO exactly.
+
+    Negative advantages: `negative="entropy"` (default) weighs both signs by H_t, so the update
+    of every completion concentrates on its high-entropy ("forking") tokens, as in the
+    high-entropy-minority results of Wang et al. 2025 (arXiv 2506.01939). It is the default
+    because (1) like OSPO's default `hybrid` weighting it uses the same weights for both signs,
+    so this control differs from OSPO only in where the credit comes from; (2) its weights are
+    bounded by log(vocabulary size), while 1 / H_t grows without bound as H_t -> 0 and would
+    put most of a negative completion's blame on near-deterministic tokens (closing tags, EOS),
+    whose log-prob gradient is near 0 anyway, making the result hinge on `inverse_eps`.
+    `negative="inverse"` is GTPO's choice (Tan et al. 2025, arXiv 2508.04349): a failed
+    completion's blame goes to its confident tokens, sparing the exploratory ones; its
+    `inverse_eps` (nats) bounds the weight ratio at (max H + inverse_eps) / inverse_eps.
+
+    Called with `entropy` (N, T), the policy's per-token entropy of the rollouts, computed by
+    the step without gradient (`needs_entropy`); needs no segment credit. Stats: as OSPO's.
+    """
+
+    needs_credit = False
+    needs_entropy = True
+
+    def __init__(
+        self,
+        scale: str = "group",
+        eps: float = 1e-4,
+        negative: str = "entropy",
+        inverse_eps: float = 0.1,
+        clip_kappa: float | None = None,
+    ):
+        _check_choice("scale", scale, SCALES)
+        _check_choice("negative", negative, NEGATIVES)
+        if not inverse_eps > 0:
+            raise ValueError(f"inverse_eps must be positive, got {inverse_eps}")
+        if clip_kappa is not None and not clip_kappa > 0:
+            raise ValueError(f"clip_kappa must be positive or None, got {clip_kappa}")
+        self.scale = scale
+        self.eps = eps
+        self.negative = negative
+        self.inverse_eps = inverse_eps
+        self.clip_kappa = clip_kappa
+
+    def __call__(
+        self,
+        rewards,
+        group_size: int,
+        completion_mask: Tensor,
+        entropy: Tensor | None = None,
+        **_,
+    ) -> tuple[Tensor, dict[str, float]]:
+        r = _as_rewards(rewards)  # (N,)
+        mask = torch.as_tensor(completion_mask)
+        _check_mask(mask, r.numel())
+        if entropy is None:
+            raise ValueError(
+                "EntropyCredit needs entropy=<(N, T) per-token policy entropy of the rollouts> "
+                "(the step passes it when baseline.needs_entropy), got none"
+            )
+        h = torch.as_tensor(entropy).detach().cpu().to(torch.float64)  # (N, T)
+        if h.shape != mask.shape:
+            raise ValueError(
+                f"entropy has shape {tuple(h.shape)}, expected the completion_mask's "
+                f"{tuple(mask.shape)}"
+            )
+        adv = group_advantages(r, group_size, self.scale, self.eps)  # (N,)
+        valid = mask.cpu() != 0  # (N, T)
+        out = torch.zeros(valid.shape, dtype=torch.float32)  # (N, T)
+        fallbacks = 0
+        for i in range(r.numel()):
+            a = float(adv[i])
+            u = entropy_weights(h[i][valid[i]], a, self.negative, self.inverse_eps)  # (T_i,)
+            fallbacks += bool((u == 1).all())
+            out[i, valid[i]] = redistribute(a, u)
+        out, frac_clipped = _clip(out, valid, adv, self.clip_kappa)
+        stats = _reward_stats(r, adv, group_size)
+        stats["frac_fallback"] = fallbacks / max(r.numel(), 1)
+        stats["frac_clipped"] = frac_clipped
+        stats["cos_to_grpo"] = cos_to_grpo(out, adv, valid)
         return out.to(mask.device), stats
 
 

@@ -1,10 +1,12 @@
-"""The training method (config group `baseline`): GRPO or OSPO, whole.
+"""The training method (config group `baseline`): GRPO, OSPO or a control, whole.
 
 A `Baseline` bundles what differs between methods: the advantage estimator
-(`ospo.advantage.GRPO` or `OSPO`), the loss settings (`ospo.loss.PolicyLoss`), the number of
-updates per batch of rollouts (`mu`) and how an empty coalition is scored (`keep_query`).
-Whether the step computes segment credit is read from the estimator (`needs_credit`), so a
-config cannot ask OSPO to run without it.
+(`ospo.advantage.GRPO`, `OSPO`, `RandomCredit` or `EntropyCredit`), the loss settings
+(`ospo.loss.PolicyLoss`), the number of updates per batch of rollouts (`mu`) and how an empty
+coalition is scored (`keep_query`).
+Whether the step computes segment credit (`needs_credit`) or the policy's token entropy
+(`needs_entropy`) is read from the estimator, so a config cannot ask OSPO to run without
+credit, or EntropyCredit without entropy.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ class Baseline:
     def needs_credit(self) -> bool:
         """Segment credit (segmenter + attribution) is computed every step for OSPO."""
         return bool(self.advantage.needs_credit)
+
+    @property
+    def needs_entropy(self) -> bool:
+        """The policy's token entropy of the rollouts is computed every step (EntropyCredit)."""
+        return bool(self.advantage.needs_entropy)
 
     def __repr__(self) -> str:
         return (

@@ -92,9 +92,11 @@ class Attribution(Protocol):
 
 @runtime_checkable
 class AdvantageEstimator(Protocol):
-    """Rewards (and credit) -> per-token advantages (`ospo.advantage.GRPO`, `OSPO`)."""
+    """Rewards (and credit) -> per-token advantages (`ospo.advantage.GRPO`, `OSPO`, and the
+    controls `RandomCredit`, `EntropyCredit`)."""
 
     needs_credit: bool  # True: call with token_spans, segmentations and phis
+    needs_entropy: bool  # True: call with entropy, the policy's (N, T) token entropy (no grad)
 
     def __call__(
         self, rewards: Any, group_size: int, completion_mask: Tensor, **credit: Any

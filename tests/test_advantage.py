@@ -1,23 +1,34 @@
-"""Tests for ospo.advantage: hand cases for every step and the OSPO invariants
-(docs/design.md section 2)."""
+"""Tests for ospo.advantage: hand cases for every step, the OSPO invariants and the controls
+RandomCredit and EntropyCredit (docs/design.md section 2)."""
 
 import math
+import pickle
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from ospo.advantage import (
     GRPO,
+    NEGATIVES,
     OSPO,
     WEIGHTINGS,
+    EntropyCredit,
+    RandomCredit,
+    cos_to_grpo,
     credit_weights,
+    entropy_weights,
     frac_zero_std,
     group_advantages,
     redistribute,
     token_credit,
 )
+from ospo.baseline import Baseline
+
+from .conftest import CONF
 
 # Two groups of G=4: a mixed one and an all-equal one.
 REWARDS = [1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0]
@@ -353,3 +364,268 @@ def test_ospo_validates():
         OSPO()(rewards, g, mask, bad_spans, segs, phis)
     with pytest.raises(ValueError, match="phis has"):
         OSPO()(rewards, g, mask, spans, segs, phis[:-1])
+
+
+# 6. cos_to_grpo -------------------------------------------------------------------------------
+
+
+def test_cos_to_grpo_hand_case():
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    seq = torch.tensor([1.0, -1.0])  # A_i
+    adv = torch.tensor([[2.0, 0.0, 9.0], [-1.0, -2.0, 0.0]])  # 9.0 sits on padding
+    # valid: x = (2, 0, -1, -2, 0), y = (1, 1, -1, -1, -1): x.y = 5, |x| = 3, |y| = sqrt(5)
+    expected = 5 / (3 * math.sqrt(5))
+    assert cos_to_grpo(adv, seq, mask) == pytest.approx(expected, rel=1e-12)
+    grpo_tok = seq[:, None] * mask  # the (N, T) form gives the same value
+    assert cos_to_grpo(adv, grpo_tok, mask) == pytest.approx(expected, rel=1e-12)
+
+
+def test_cos_to_grpo_is_one_for_grpo_and_uniform_ospo():
+    rewards, g, mask, spans, segs, phis = random_batch(0)
+    out, stats = GRPO()(rewards, g, mask)
+    assert stats["cos_to_grpo"] == 1.0
+    assert cos_to_grpo(out, group_advantages(rewards, g), mask) == 1.0
+    equal_phis = [np.full(len(p), 0.37) for p in phis]
+    assert OSPO()(rewards, g, mask, spans, segs, equal_phis)[1]["cos_to_grpo"] == 1.0
+    cos = OSPO(weighting="prop")(rewards, g, mask, spans, segs, phis)[1]["cos_to_grpo"]
+    assert 0.0 < cos < 1.0
+
+
+def test_cos_to_grpo_scale_invariant_and_sign():
+    rewards, g, mask, spans, segs, phis = random_batch(1)
+    seq = group_advantages(rewards, g)
+    out = OSPO(weighting="prop")(rewards, g, mask, spans, segs, phis)[0].double()  # exact c * x
+    cos = cos_to_grpo(out, seq, mask)
+    for c in (1e-3, 0.5, 7.0):
+        assert cos_to_grpo(c * out, seq, mask) == pytest.approx(cos, rel=1e-9)
+        assert cos_to_grpo(out, c * seq, mask) == pytest.approx(cos, rel=1e-9)
+    assert cos_to_grpo(-out, seq, mask) == pytest.approx(-cos, rel=1e-9)
+
+
+def test_cos_to_grpo_ignores_padding_and_degenerate_cases():
+    rewards, g, mask, spans, segs, phis = random_batch(2)
+    seq = group_advantages(rewards, g)
+    out = OSPO(weighting="rank")(rewards, g, mask, spans, segs, phis)[0]
+    noisy = torch.where(mask == 0, torch.randn(out.shape) * 100, out)  # garbage on padding
+    assert cos_to_grpo(noisy, seq, mask) == cos_to_grpo(out, seq, mask)
+    zeros = torch.zeros(2, 3)
+    m = torch.ones(2, 3)
+    assert cos_to_grpo(zeros, torch.zeros(2), m) == 1.0  # both zero: identical
+    assert cos_to_grpo(zeros, torch.ones(2), m) == 0.0  # one zero: no direction in common
+    assert cos_to_grpo(torch.ones(2, 3), torch.zeros(2), m) == 0.0
+    # only padding differs from GRPO: still exactly 1
+    assert cos_to_grpo(torch.tensor([[1.0, 5.0]]), torch.ones(1), torch.tensor([[1, 0]])) == 1.0
+    with pytest.raises(ValueError, match=r"grpo_advantages \(3,\)"):
+        cos_to_grpo(zeros, torch.zeros(3), m)
+
+
+# 7. RandomCredit ------------------------------------------------------------------------------
+
+
+def _permuted(phis, seed):
+    """The phis RandomCredit(seed=seed) uses on its first call: one permutation per row."""
+    rng = np.random.default_rng(seed)
+    return [None if p is None else np.asarray(p)[rng.permutation(len(p))] for p in phis]
+
+
+@pytest.mark.parametrize("mode", WEIGHTINGS)
+def test_random_credit_is_ospo_on_permuted_phis(mode):
+    rewards, g, mask, spans, segs, phis = random_batch(3)
+    phis[5], segs[5] = None, None  # a missing credit stays missing (fallback)
+    rc = RandomCredit(weighting=mode, clip_kappa=2.0, seed=11)
+    ospo = OSPO(weighting=mode, clip_kappa=2.0)
+    out, stats = rc(rewards, g, mask, spans, segs, phis)
+    expected, expected_stats = ospo(rewards, g, mask, spans, segs, _permuted(phis, 11))
+    assert torch.equal(out, expected)
+    assert stats == expected_stats
+    assert not torch.equal(out, ospo(rewards, g, mask, spans, segs, phis)[0])
+    # the Generator advances: the second call uses the next permutations
+    rng = np.random.default_rng(11)
+    _ = [rng.permutation(len(p)) for p in phis if p is not None]
+    second = [None if p is None else p[rng.permutation(len(p))] for p in phis]
+    out2 = rc(rewards, g, mask, spans, segs, phis)[0]
+    assert torch.equal(out2, ospo(rewards, g, mask, spans, segs, second)[0])
+    assert not torch.equal(out2, out)
+
+
+def test_random_credit_preserves_mean_token_advantage():
+    rc = RandomCredit(weighting="hybrid", seed=0)
+    for seed in range(3):
+        rewards, g, mask, spans, segs, phis = random_batch(seed)
+        out, stats = rc(rewards, g, mask, spans, segs, phis)
+        m = mask.float()
+        torch.testing.assert_close(
+            (out * m).sum(1) / m.sum(1), group_advantages(rewards, g), atol=1e-5, rtol=1e-5
+        )
+        assert torch.equal(out[mask == 0], torch.zeros(int((mask == 0).sum())))
+        assert set(stats) >= {"frac_fallback", "frac_clipped", "cos_to_grpo"}
+
+
+def test_random_credit_permutes_weights_between_segments():
+    # three segments of two tokens each, every token covered: mean(u) does not depend on which
+    # segment gets which credit, so the token advantages are OSPO's, moved segment by segment
+    segs_ = [(0, 4), (5, 9), (10, 14)]  # "aaaa bbbb cccc"
+    tokens = [(0, 2), (2, 4), (5, 7), (7, 9), (10, 12), (12, 14)]
+    phi = np.array([0.1, 0.5, 0.9])
+    n = 6
+    mask = torch.ones(n, len(tokens), dtype=torch.long)
+    rewards = [1.0, 0.2, 0.6, 0.9, 0.3, 0.5]
+    args = (rewards, n, mask, [tokens] * n, [seg(segs_)] * n)
+    base = OSPO(scale="none", weighting="prop")(*args, [phi] * n)[0].reshape(n, 3, 2)
+    out = RandomCredit(scale="none", weighting="prop", seed=4)(*args, [phi] * n)[0]
+    out = out.reshape(n, 3, 2)  # (completion, segment, token)
+    assert torch.equal(out[:, :, 0], out[:, :, 1])  # a segment's tokens share one value
+    rng = np.random.default_rng(4)
+    perms = [rng.permutation(3) for _ in range(n)]
+    for i in range(n):
+        assert sorted(out[i, :, 0].tolist()) == sorted(base[i, :, 0].tolist())
+        # segment j got the credit of segment perm[j], hence that segment's OSPO advantage
+        assert torch.equal(out[i, :, 0], base[i, perms[i], 0])
+    assert len({tuple(p) for p in perms}) > 1
+
+
+def test_random_credit_state_is_picklable_and_resumable():
+    rewards, g, mask, spans, segs, phis = random_batch(4)
+    rc = RandomCredit(seed=7)
+    rc(rewards, g, mask, spans, segs, phis)
+    clone = pickle.loads(pickle.dumps(rc))
+    state = rc.rng.bit_generator.state  # what a checkpoint saves, as for attribution.rng
+    a = rc(rewards, g, mask, spans, segs, phis)[0]
+    assert torch.equal(clone(rewards, g, mask, spans, segs, phis)[0], a)
+    fresh = RandomCredit(seed=7)
+    fresh.rng.bit_generator.state = state
+    assert torch.equal(fresh(rewards, g, mask, spans, segs, phis)[0], a)
+    assert rc.needs_credit and not rc.needs_entropy and rc.seed == 7
+
+
+# 8. EntropyCredit -----------------------------------------------------------------------------
+
+
+def test_entropy_weights_hand_case():
+    h = torch.tensor([1.0, 2.0, 3.0])
+    assert torch.equal(entropy_weights(h, 0.5), h)
+    assert torch.equal(entropy_weights(h, -0.5, "entropy"), h)
+    torch.testing.assert_close(
+        entropy_weights(h, -0.5, "inverse", 0.5), torch.tensor([1 / 1.5, 1 / 2.5, 1 / 3.5])
+    )
+    torch.testing.assert_close(entropy_weights(h, 0.5, "inverse"), h)  # A >= 0: H_t
+    for degenerate in ([0.0, 0.0], [0.4, 0.4], [1.0, float("nan")], []):
+        for negative in NEGATIVES:
+            u = entropy_weights(torch.tensor(degenerate), -1.0, negative)
+            assert torch.equal(u, torch.ones(len(degenerate)))
+    assert torch.equal(entropy_weights(torch.tensor([-1e-9, 2.0]), 1.0), torch.tensor([0.0, 2.0]))
+    with pytest.raises(ValueError, match="entropy, inverse"):
+        entropy_weights(h, 1.0, "softmax")
+    with pytest.raises(ValueError, match="inverse_eps"):
+        entropy_weights(h, 1.0, "inverse", 0.0)
+
+
+def test_entropy_credit_hand_case():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    entropy = torch.tensor([[1.0, 2.0, 3.0, 7.0], [2.0, 2.0, 0.0, 4.0]])  # 7.0 on padding
+    rewards = [1.0, 0.0]  # scale none: A = (0.5, -0.5)
+    out, stats = EntropyCredit(scale="none")(rewards, 2, mask, entropy=entropy)
+    # row 0: 0.5 * H / mean(1, 2, 3) = 0.5 * (0.5, 1, 1.5); row 1: -0.5 * H / 2
+    expected = torch.tensor([[0.25, 0.5, 0.75, 0.0], [-0.5, -0.5, 0.0, -1.0]])
+    torch.testing.assert_close(out, expected)
+    assert stats["frac_fallback"] == 0.0 and stats["frac_clipped"] == 0.0
+    assert 0.0 < stats["cos_to_grpo"] < 1.0
+    # inverse: row 1 weights 1 / (H + 0.1) = (1/2.1, 1/2.1, 10, 1/4.1), the confident token
+    # (H = 0) takes most of the blame; row 0 (A > 0) is unchanged
+    out = EntropyCredit(scale="none", negative="inverse")(rewards, 2, mask, entropy=entropy)[0]
+    w = torch.tensor([1 / 2.1, 1 / 2.1, 10.0, 1 / 4.1], dtype=torch.float64)
+    torch.testing.assert_close(out[1], (-0.5 * w / w.mean()).float())
+    torch.testing.assert_close(out[0], expected[0])
+    assert out[1, 2] == out[1].min()
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("negative", NEGATIVES)
+def test_entropy_credit_preserves_mean_token_advantage(negative, scale):
+    for seed in range(3):
+        rewards, g, mask, *_ = random_batch(seed)
+        entropy = torch.from_numpy(np.random.default_rng(seed).gamma(0.5, 1.0, mask.shape))
+        est = EntropyCredit(scale=scale, negative=negative)
+        out, stats = est(rewards, g, mask, entropy=entropy.float())
+        m = mask.float()
+        seq = group_advantages(rewards, g, scale=scale)
+        torch.testing.assert_close((out * m).sum(1) / m.sum(1), seq, atol=1e-5, rtol=1e-5)
+        assert torch.equal(out[mask == 0], torch.zeros(int((mask == 0).sum())))
+        assert not torch.allclose(out, seq[:, None] * m)
+        assert set(stats) >= {"frac_fallback", "frac_clipped", "cos_to_grpo", "adv_std"}
+
+
+@pytest.mark.parametrize("negative", NEGATIVES)
+def test_entropy_credit_uniform_or_zero_entropy_is_grpo(negative):
+    rewards, g, mask, *_ = random_batch(5)
+    grpo = GRPO()(rewards, g, mask)[0]
+    est = EntropyCredit(negative=negative)
+    for value in (0.0, 0.3, 2.0):
+        entropy = torch.full(mask.shape, value)
+        entropy[mask == 0] = 5.0  # padding does not count
+        out, stats = est(rewards, g, mask, entropy=entropy)
+        assert torch.equal(out, grpo)
+        assert stats["cos_to_grpo"] == 1.0 and stats["frac_fallback"] == 1.0
+    entropy = torch.rand(mask.shape)
+    entropy[0] = float("nan")
+    out = est(rewards, g, mask, entropy=entropy)[0]
+    assert torch.equal(out[0], grpo[0]) and torch.isfinite(out).all()
+
+
+def test_entropy_credit_clipping_and_validation():
+    rewards, g, mask, *_ = random_batch(6)
+    entropy = torch.from_numpy(np.random.default_rng(6).gamma(0.3, 1.0, mask.shape)).float()
+    out, stats = EntropyCredit(clip_kappa=0.8)(rewards, g, mask, entropy=entropy)
+    unclipped = EntropyCredit()(rewards, g, mask, entropy=entropy)[0]
+    bound = 0.8 * float(group_advantages(rewards, g).std())
+    torch.testing.assert_close(out, unclipped.clamp(-bound, bound))
+    assert stats["frac_clipped"] > 0
+    est = EntropyCredit()
+    with pytest.raises(ValueError, match="EntropyCredit needs entropy="):
+        est(rewards, g, mask)
+    with pytest.raises(ValueError, match=r"entropy has shape \(12, 3\), expected .*\(12, 14\)"):
+        est(rewards, g, mask, entropy=torch.ones(12, 3))
+    with pytest.raises(ValueError, match="entropy, inverse"):
+        EntropyCredit(negative="blame")
+    with pytest.raises(ValueError, match="clip_kappa"):
+        EntropyCredit(clip_kappa=-1.0)
+    assert EntropyCredit.needs_entropy and not EntropyCredit.needs_credit
+    assert not GRPO.needs_entropy and not OSPO.needs_entropy
+
+
+# 9. configs -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "cls", "credit", "entropy"),
+    [
+        ("grpo", GRPO, False, False),
+        ("ospo", OSPO, True, False),
+        ("random_credit", RandomCredit, True, False),
+        ("entropy", EntropyCredit, False, True),
+    ],
+)
+def test_baseline_configs_build(make_cfg, name, cls, credit, entropy):
+    baseline = instantiate(make_cfg([f"baseline={name}", "seed=3"]).baseline)
+    assert isinstance(baseline, Baseline) and baseline.name == name
+    assert type(baseline.advantage) is cls
+    assert baseline.needs_credit == credit and baseline.needs_entropy == entropy
+    if cls is RandomCredit:
+        assert baseline.advantage.seed == 3  # ${seed}
+
+
+def test_control_yaml_builds_alone_and_shares_ospo_settings():
+    """The yaml files build from a tiny dict for their interpolations, and the controls' copies
+    of OSPO's weighting keys equal ospo.yaml's."""
+    names = ("ospo", "random_credit", "entropy")
+    load = {n: OmegaConf.load(CONF / "baseline" / f"{n}.yaml") for n in names}
+    for n in ("random_credit", "entropy"):
+        cfg = OmegaConf.merge({"rl": {"max_new_tokens": 8}, "seed": 1}, {"baseline": load[n]})
+        baseline = instantiate(cfg.baseline)
+        assert baseline.loss.max_completion_length == 8
+    ospo, rc, ent = (load[n].advantage for n in ("ospo", "random_credit", "entropy"))
+    for key in ("scale", "weighting", "alpha", "clip_kappa"):
+        assert rc[key] == ospo[key], key
+    assert ent.scale == ospo.scale and ent.clip_kappa == ospo.clip_kappa
+    for n in ("random_credit", "entropy"):  # same loss settings as OSPO
+        assert OmegaConf.to_container(load[n].loss) == OmegaConf.to_container(load["ospo"].loss)
