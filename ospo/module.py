@@ -94,6 +94,7 @@ class RLModule(pl.LightningModule):
         self.strict_loading = False
         self.rollout_step = 0
         self.val_history: list[dict[str, float]] = []
+        self.cos_to_grpo: list[float] = []  # credit/cos_to_grpo of each rollout step
         self.wall_start = time.perf_counter()
         self.wall_offset = 0.0
         self._val_outputs: list[dict[str, Any]] = []
@@ -161,14 +162,16 @@ class RLModule(pl.LightningModule):
             "credit/segments_per_completion": float(np.mean(out.credit.segments))
             if out.credit.segments
             else 0.0,
+            "credit/cos_to_grpo": float(out.advantage_stats["cos_to_grpo"]),
         }
+        self.cos_to_grpo.append(log["credit/cos_to_grpo"])
         log.update({f"train/{k}": float(np.mean(v)) for k, v in metrics.items()})
         log.update({f"train/{k}": v for k, v in out.loss_metrics.items()})
         log.update(
             {
                 f"advantage/{k}": float(v)
                 for k, v in out.advantage_stats.items()
-                if k not in ("frac_reward_zero_std", "reward_mean", "reward_std")
+                if k not in ("frac_reward_zero_std", "reward_mean", "reward_std", "cos_to_grpo")
             }
         )
         return log
@@ -245,12 +248,12 @@ class RLModule(pl.LightningModule):
         state = {
             "rollout_step": self.rollout_step,
             "val_history": copy.deepcopy(self.val_history),
+            "cos_to_grpo": list(self.cos_to_grpo),
             "wall_s": self.wall_seconds(),
             "init": self.init,
         }
-        rng = getattr(self.rl_step.attribution, "rng", None)
-        if rng is not None:
-            state["attribution_rng"] = rng.bit_generator.state
+        for name, rng in self._rngs().items():
+            state[f"{name}_rng"] = rng.bit_generator.state
         checkpoint["ospo"] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -259,9 +262,16 @@ class RLModule(pl.LightningModule):
         self.val_history = list(state.get("val_history", []))
         self.wall_offset = float(state.get("wall_s", 0.0))
         self.wall_start = time.perf_counter()
-        rng = getattr(self.rl_step.attribution, "rng", None)
-        if rng is not None and "attribution_rng" in state:
-            rng.bit_generator.state = state["attribution_rng"]
+        self.cos_to_grpo = list(state.get("cos_to_grpo", []))
+        for name, rng in self._rngs().items():
+            if f"{name}_rng" in state:
+                rng.bit_generator.state = state[f"{name}_rng"]
+
+    def _rngs(self) -> dict[str, np.random.Generator]:
+        """Random streams that live across steps (Monte-Carlo attribution, random credit), so
+        a resumed run draws what a straight run would."""
+        owners = {"attribution": self.rl_step.attribution, "advantage": self.rl_step.baseline.advantage}
+        return {k: o.rng for k, o in owners.items() if getattr(o, "rng", None) is not None}
 
 
 __all__ = ["RLModule", "sample_loader", "step_loader"]

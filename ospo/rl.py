@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -191,6 +192,8 @@ def final_scores(cfg: DictConfig, module: RLModule, data, reward, format_check) 
     return {
         f"val_ndcg@{k}_start": hist[0][f"val/ndcg@{k}"],
         f"val_ndcg@{k}_end": hist[-1][f"val/ndcg@{k}"],
+        "val_format_ok_end": hist[-1].get("val/format_ok"),
+        "credit_cos_to_grpo": float(np.mean(module.cos_to_grpo)) if module.cos_to_grpo else None,
         "val_history": hist,
         **{f"{split}_{m}": v for m, v in scores["train"].items()},
         split: scores,

@@ -3,6 +3,7 @@
     prompts (B) -> rollout: G completions each, N = B * G        Rollouts, ids/mask (N, T)
                 -> score: reward of each completion                r (N,)
                 -> compute_credit [OSPO]: segments, phi per completion
+                   (token_entropy [entropy control]: H (N, T))
                 -> baseline.advantage: advantages                   A (N, T), stats
                 -> update: log-probs, loss, backward, clip, optimizer and LR steps (x mu)
 
@@ -158,6 +159,22 @@ def compute_credit(
         credit.coalitions += value_fn.rows
     credit.seconds = time.perf_counter() - t0
     return credit
+
+
+def token_entropy(policy: Policy, ro: Rollouts, sampling: Sampling, group_size: int) -> Tensor:
+    """Per-token entropy of the policy's sampling distribution at each completion position,
+    (N, T), without gradient (for estimators with `needs_entropy`, e.g. EntropyCredit)."""
+    with torch.no_grad():
+        _, entropy = policy.token_logprobs(
+            ro.prompt_ids,
+            ro.prompt_mask,
+            ro.completion_ids,
+            ro.completion_mask,
+            group_size=group_size,
+            temperature=sampling.temperature,
+            with_entropy=True,
+        )
+    return entropy  # (N, T)
 
 
 def optimization(policy: Policy, optimizer: Callable, scheduler: Callable) -> dict[str, Any]:
@@ -318,6 +335,10 @@ class RLStep:
                 "segmentations": credit.segmentations,
                 "phis": credit.phis,
             }
+        if self.baseline.needs_entropy:  # token entropies of the sampling policy (controls)
+            t0 = time.perf_counter()
+            extra["entropy"] = token_entropy(self.policy, ro, self.sampling, G)  # (N, T)
+            credit.seconds += time.perf_counter() - t0
         seconds["credit"] = credit.seconds
 
         # 4. advantages

@@ -76,7 +76,7 @@ def test_instantiate_light_options(make_cfg, tmp_path):
         assert isinstance(baseline, Baseline) and baseline.name == opt
         assert baseline.needs_credit == (opt in ("ospo", "random_credit"))
         assert baseline.needs_entropy == (opt == "entropy")
-        assert baseline.loss.max_completion_length == 40  # ${rl.max_new_tokens}
+        assert baseline.loss.max_completion_length == 16  # ${rl.max_new_tokens}
     for opt in options("logger"):
         cfg = make_cfg([f"logger={opt}"])
         for c in cfg.logger.values():
