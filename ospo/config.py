@@ -49,6 +49,12 @@ def validate(cfg: DictConfig) -> None:
         )
     if "name" in cfg.model.keys() and OmegaConf.is_missing(cfg.model, "name"):
         raise ConfigError("model.name is required for model=hf: a model name or a local folder")
+    written = cfg.data.get("completion", "rewrite")  # loaders without the key write whole queries
+    if cfg.format.get("completion", written) != written:
+        raise ConfigError(
+            f"format={cfg.format.completion} checks {cfg.format.completion} completions but "
+            f"data.completion={written}: add format={written}"
+        )
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no checkpoint file there")
     if cfg.stage not in ("all", "sft", "rl"):

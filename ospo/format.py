@@ -38,6 +38,9 @@ _QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
 class FormatCheck:
     """Is a completion a well-formed query? `reasons` lists every rule it breaks.
 
+    The format also sets the generation budget `max_new_tokens` (`rl.max_new_tokens` reads it)
+    and names the completion format its rules are written for (`completion`: append | rewrite,
+    checked against `data.completion` by `ospo.config.validate`).
     Rules: ended at EOS (`require_eos`), min_words <= words <= max_words (whitespace split),
     at most max_chars characters (after stripping), a single line (`single_line`), and none of
     `banned_phrases` (case-insensitive, whole words, curly apostrophes read as straight).
@@ -51,6 +54,8 @@ class FormatCheck:
         require_eos: bool = True,
         banned_phrases: Sequence[str] = DEFAULT_BANNED_PHRASES,
         min_words: int = 1,
+        max_new_tokens: int = 40,
+        completion: str = "rewrite",
     ):
         if min_words < 0 or max_words < min_words:
             raise ValueError(
@@ -64,6 +69,12 @@ class FormatCheck:
         self.single_line = bool(single_line)
         self.require_eos = bool(require_eos)
         self.min_words = int(min_words)
+        if int(max_new_tokens) < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        # the generation budget (`rl.max_new_tokens` reads it): a completion cut off there has
+        # not ended, which `require_eos` rejects
+        self.max_new_tokens = int(max_new_tokens)
+        self.completion = completion  # the completion format (data.completion) these rules fit
         self.banned_phrases = tuple(str(p) for p in (banned_phrases or ()))
         self._banned = [(p, _phrase_regex(p)) for p in self.banned_phrases if p.strip()]
 

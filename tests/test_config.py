@@ -144,6 +144,19 @@ def test_bad_values_name_the_key(make_cfg):
         validate(make_cfg(["stage=warmup"]))
 
 
+def test_format_matches_the_completion_format(make_cfg):
+    """The format sets the token budget and must fit what the data asks the policy to write."""
+    cfg = make_cfg([])
+    assert (cfg.data.completion, cfg.format.completion, cfg.rl.max_new_tokens) == ("append", "append", 16)
+    rewrite = make_cfg(["data.completion=rewrite", "format=rewrite"])
+    validate(rewrite)
+    assert rewrite.rl.max_new_tokens == 40 and rewrite.format.max_words == 32
+    with pytest.raises(ConfigError, match="data.completion=rewrite: add format=rewrite"):
+        validate(make_cfg(["data.completion=rewrite"]))
+    with pytest.raises(ConfigError, match="data.completion=append: add format=append"):
+        validate(make_cfg(["format=rewrite"]))
+
+
 def test_configs_document_their_keys():
     """Every group file says what it is for in a comment."""
     for path in CONF.rglob("*.yaml"):

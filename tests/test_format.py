@@ -71,6 +71,8 @@ def test_custom_banned_phrases_and_validation():
         FormatCheck(min_words=5, max_words=2)
     with pytest.raises(ValueError, match="max_chars"):
         FormatCheck(max_chars=0)
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        FormatCheck(max_new_tokens=0)
 
 
 def test_format_ok_rate():
