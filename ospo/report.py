@@ -8,7 +8,8 @@ Reads every ``*/summary.json`` below the folder (one per job, written by
 :func:`ospo.rl.run_train`) and writes, into ``--out`` (default: the sweep folder):
 
 * ``report.png``: validation NDCG@10 against RL step and against RL wall time (s), one line
-  per method label (mean over seeds) with a shaded 95% t-interval over seeds, and, with a
+  per method label (mean over seeds) with a shaded 95% t-interval over seeds (on the step
+  panel, with a baseline, the sample-efficiency target of (e) as a dashed line), and, with a
   baseline, each label minus the baseline on the same seed against step;
 * ``report.md`` (also printed): (a) per label, the number of seeds, final test NDCG@10 /
   recall@10 / MRR as mean +- 95% half-width, validation NDCG@10 start -> end, mean RL wall
@@ -18,9 +19,21 @@ Reads every ``*/summary.json`` below the folder (one per job, written by
   retriever and with the held-out one, and the change (held-out minus training, so a drop is
   negative; absolute with its interval over seeds, and relative in %);
   (c) paired against a baseline label (``grpo`` by default): per other label, its test metrics
-  and final validation NDCG@10 minus the baseline's on the same seed, and on how many seeds it
-  scored higher. Jobs of one seed share the warm-up, so the pairing removes the spread that
-  the warm-up puts between seeds, which dominates the intervals of (a).
+  and final validation NDCG@10 minus the baseline's on the same seed, the test NDCG@10
+  difference also relative (in % of the baseline's mean test NDCG@10 over the same seeds),
+  and on how many seeds it scored higher; below the table, one line per label stating
+  whether the paired interval of the test NDCG@10 difference lies above zero, below zero or
+  contains zero. Jobs of one seed share the warm-up, so the pairing removes the spread that
+  the warm-up puts between seeds, which dominates the intervals of (a);
+  (d) learning: per label, validation NDCG@10 start -> end (means over seeds), the change
+  end - start paired per seed (mean +- half-width), the final validation format_ok (mean)
+  and ``credit_cos_to_grpo`` (mean over seeds; the run mean of the per-step cosine between
+  the method's token advantages and GRPO's, 1 for GRPO itself; "n/a" where the summaries
+  lack it, "(k of n seeds)" where only some have it);
+  (e) sample efficiency (with a baseline): the target is the baseline's final validation
+  NDCG@10 averaged over its seeds; per label, how many seeds reach it ("k of n"), and over
+  those that do, the mean +- half-width of the RL step and RL wall time (``wall_s`` of the
+  validation point) at which they first do, and each seed's step ("never" if not reached).
 
 Statistics (numbered as in :func:`aggregate`):
 
@@ -34,9 +47,26 @@ Statistics (numbered as in :func:`aggregate`):
 4. Changes are paired per seed (held-out minus training on the same seed's completions); seeds
    missing a held-out retriever are left out of that retriever's row.
 5. Paired differences (:func:`paired_differences`): per seed present in both labels, label
-   minus baseline; mean and interval as in 2 over those seeds.
+   minus baseline; mean and interval as in 2 over those seeds. The relative difference
+   (:func:`relative_difference`) is 100 * mean difference / the baseline's mean over the same
+   seeds; it has no interval of its own (the absolute interval is the one to read).
+   :func:`interval_side` says where mean +- half lies relative to zero.
+6. Learning change: per seed, last minus first validation point (by step), mean and interval
+   as in 2. Start and end are the validation points with the lowest and highest step.
+   Older summaries without ``val_format_ok_end`` fall back to ``val/format_ok`` of the last
+   validation point; ``credit_cos_to_grpo`` absent or null leaves that seed out of its mean.
+7. Sample efficiency (:func:`sample_efficiency`, :func:`steps_to_reach`): a seed reaches the
+   target at its first validation point (by step) with value >= target (less 1e-9, for the
+   rounding of the mean target only); no interpolation between validation points, so the step
+   is an upper bound on the crossing at the resolution of the validation interval (and the
+   wall time is that point's). A run at the target at step 0 reaches it at 0. Means are over
+   the reaching seeds only (conditional on reaching it): read them with "k of n"; seeds that
+   never reach it are counted in n, never dropped. The baseline's own row is included: with
+   the target its mean final value, typically only some of its seeds reach it, and late.
 
-Pure functions: :func:`load_runs`, :func:`aggregate`, :func:`paired_differences`,
+Pure functions: :func:`load_runs`, :func:`val_points`, :func:`steps_to_reach`,
+:func:`relative_difference`, :func:`interval_side`, :func:`final_format_ok`,
+:func:`sample_efficiency`, :func:`paired_differences`, :func:`aggregate`,
 :func:`render_markdown`, :func:`plot`.
 """
 
@@ -56,14 +86,20 @@ from ospo.metrics import mean_ci, t_quantile
 __all__ = [
     "TEST_METRICS",
     "aggregate",
+    "final_format_ok",
     "interpolate_curves",
+    "interval_side",
     "load_runs",
     "main",
     "mean_ci",
     "paired_differences",
     "plot",
+    "relative_difference",
     "render_markdown",
+    "sample_efficiency",
+    "steps_to_reach",
     "t_quantile",
+    "val_points",
 ]
 
 TEST_METRICS: tuple[str, ...] = ("ndcg@10", "recall@10", "mrr")
@@ -150,6 +186,106 @@ def interpolate_curves(
     return {"x": grid, "mean": mean, "lo": mean - half, "hi": mean + half, "n": n}
 
 
+def val_points(run: dict[str, Any], metric: str = "ndcg@10") -> list[dict[str, Any]]:
+    """The run's validation points that have ``step`` and ``val/<metric>``, sorted by step."""
+    key = f"val/{metric}"
+    hist = [h for h in run["val_history"] if key in h and "step" in h]
+    return sorted(hist, key=lambda h: h["step"])
+
+
+def steps_to_reach(
+    run: dict[str, Any], target: float, metric: str = "ndcg@10", tol: float = 1e-9
+) -> tuple[float, float] | None:
+    """(step, RL wall seconds) of the first validation point with ``val/<metric>`` >= target.
+
+    Points are taken in step order; there is no interpolation between validation points, so
+    the step is the first *measured* one at or above the target (an upper bound on the true
+    crossing, at the resolution of the validation interval). ``tol`` only absorbs floating
+    point rounding of a mean target (a value >= target - tol counts: mean(0.2, 0.4) is
+    0.30000000000000004, and 0.3 reaches it). The wall time is that point's ``wall_s`` (NaN
+    when the point lacks it). A run already at the target at step 0 gives (0, its wall_s).
+    Returns None when no point reaches the target (or the run has none). Raises ValueError
+    when ``target`` is not a finite number.
+    """
+    if not math.isfinite(target):
+        raise ValueError(f"target must be a finite {metric}, got {target!r}")
+    key = f"val/{metric}"
+    for h in val_points(run, metric):
+        if h[key] is not None and h[key] >= target - tol:
+            return h["step"], float(h.get("wall_s", math.nan))
+    return None
+
+
+def relative_difference(diff: float, base: float) -> float:
+    """100 * diff / base, in % of the baseline's value; NaN when base is 0 or not finite."""
+    if not (math.isfinite(diff) and math.isfinite(base)) or base == 0:
+        return math.nan
+    return 100.0 * diff / base
+
+
+def interval_side(stat: tuple[float, float, int]) -> str:
+    """Where the interval mean +- half lies: "above zero" (mean - half > 0), "below zero"
+    (mean + half < 0), "contains zero" (else, ends included) or "no interval" (fewer than 2
+    values, or no finite mean)."""
+    mean, half, n = stat
+    if n < 2 or not (math.isfinite(mean) and math.isfinite(half)):
+        return "no interval"
+    if mean - half > 0:
+        return "above zero"
+    if mean + half < 0:
+        return "below zero"
+    return "contains zero"
+
+
+def _seed_order(seed: Any) -> tuple[bool, float, str]:
+    """Sort key: numeric seeds by value, then other seeds by text, None last."""
+    numeric = isinstance(seed, int | float) and not isinstance(seed, bool)
+    return seed is None, float(seed) if numeric else math.inf, str(seed)
+
+
+def sample_efficiency(
+    runs: Sequence[dict[str, Any]],
+    baseline: str,
+    metric: str = "ndcg@10",
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """Steps and RL wall time to reach the baseline's final validation ``metric``.
+
+    The target is the mean over the baseline's seeds of each seed's last validation value
+    (by step). Per label (the baseline included), :func:`steps_to_reach` on each seed, seeds
+    in numeric order. Returns ``{"target", "target_n" (baseline seeds with a validation
+    point), "labels": {label: {"n" (seeds), "reached" (seeds reaching it), "per_seed":
+    [(seed, (step, wall_s) or None)], "steps" / "wall_s": (mean, half, n) over the seeds
+    that reach it}}}``. Seeds that never reach it are counted in ``n`` but not in the means,
+    which therefore describe the reaching seeds only (read them together with ``reached``).
+    ``labels`` is empty when the baseline has no validation point. Raises ValueError naming
+    ``baseline`` and the labels when no run has that label.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(str(run["label"]), []).append(run)
+    if baseline not in groups:
+        raise ValueError(f"baseline label {baseline!r} not among the runs' labels {sorted(groups)}")
+    key = f"val/{metric}"
+    ends = [pts[-1][key] for pts in (val_points(r, metric) for r in groups[baseline]) if pts]
+    target, _, target_n = mean_ci(ends, level)
+    out: dict[str, Any] = {"target": target, "target_n": target_n, "labels": {}}
+    if target_n == 0:
+        return out
+    for label in sorted(groups):
+        group = sorted(groups[label], key=lambda run: _seed_order(run.get("seed")))
+        per_seed = [(run.get("seed"), steps_to_reach(run, target, metric)) for run in group]
+        hits = [hit for _, hit in per_seed if hit is not None]
+        out["labels"][label] = {
+            "n": len(per_seed),
+            "reached": len(hits),
+            "per_seed": per_seed,
+            "steps": mean_ci([step for step, _ in hits], level),
+            "wall_s": mean_ci([wall for _, wall in hits], level),
+        }
+    return out
+
+
 def paired_differences(
     runs: Sequence[dict[str, Any]],
     baseline: str,
@@ -160,7 +296,9 @@ def paired_differences(
     """Per label other than ``baseline``: (label - baseline) on the same seeds (step 5).
 
     Returns {label: {"seeds": [...], "n", "wins" (seeds where the label's test ``metric`` is
-    higher), "test": {m: (mean, half, n)} for m in TEST_METRICS, "val_end": (mean, half, n),
+    higher), "test": {m: (mean, half, n)} for m in TEST_METRICS, "base_mean" (the baseline's
+    mean test ``metric`` over the paired seeds), "rel_pct" (:func:`relative_difference` of the
+    mean paired ``metric`` difference and ``base_mean``), "val_end": (mean, half, n),
     "curve": validation difference against RL step (:func:`interpolate_curves` of each seed's
     label points minus the baseline interpolated at those steps, inside the baseline's range)}}.
     Raises ValueError naming ``baseline`` and the labels when no run has that label.
@@ -174,19 +312,18 @@ def paired_differences(
         )
     val_key = f"val/{metric}"
 
-    def val_points(run: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        hist = [h for h in run["val_history"] if val_key in h and "step" in h]
+    def xy(run: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        hist = val_points(run, metric)
         x = np.array([h["step"] for h in hist], dtype=np.float64)  # (V,)
         y = np.array([h[val_key] for h in hist], dtype=np.float64)  # (V,)
-        order = np.argsort(x, kind="stable")
-        return x[order], y[order]
+        return x, y
 
     def val_end(run: dict[str, Any]) -> float:
-        y = val_points(run)[1]
+        y = xy(run)[1]
         return float(y[-1]) if y.size else math.nan
 
     def val_diff(run: dict[str, Any], ref: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        (xa, ya), (xb, yb) = val_points(run), val_points(ref)
+        (xa, ya), (xb, yb) = xy(run), xy(ref)
         if not (xa.size and xb.size):
             return np.zeros(0), np.zeros(0)
         inside = (xa >= xb[0]) & (xa <= xb[-1])
@@ -210,15 +347,31 @@ def paired_differences(
             for m in TEST_METRICS
         }
         curves = [val_diff(a, b) for a, b in pairs]
+        test = {m: mean_ci(d, level) for m, d in diffs.items()}
+        base_mean = mean_ci([b[split][TRAIN_KEY].get(metric, math.nan) for _, b in pairs])[0]
         out[label] = {
             "seeds": seeds,
             "n": len(seeds),
             "wins": int((diffs[metric] > 0).sum()) if metric in diffs else 0,
-            "test": {m: mean_ci(d, level) for m, d in diffs.items()},
+            "test": test,
+            "base_mean": base_mean,
+            "rel_pct": relative_difference(test[metric][0], base_mean)
+            if metric in test
+            else math.nan,
             "val_end": mean_ci([val_end(a) - val_end(b) for a, b in pairs], level),
             "curve": interpolate_curves([x for x, _ in curves], [y for _, y in curves], level),
         }
     return out
+
+
+def final_format_ok(run: dict[str, Any]) -> float:
+    """The run's final validation format_ok: ``val_format_ok_end``, else (older summaries)
+    ``val/format_ok`` of its last validation point by step, else NaN."""
+    value = run.get("val_format_ok_end")
+    if value is None:
+        hist = [h for h in run["val_history"] if "val/format_ok" in h and "step" in h]
+        value = max(hist, key=lambda h: h["step"])["val/format_ok"] if hist else None
+    return math.nan if value is None else float(value)
 
 
 def default_baseline(runs: Sequence[dict[str, Any]]) -> str | None:
@@ -237,15 +390,18 @@ def aggregate(
     level: float = 0.95,
     baseline: str | None = "auto",
 ) -> dict[str, Any]:
-    """Per-label statistics over seeds (see the module docstring, steps 1-5).
+    """Per-label statistics over seeds (see the module docstring, steps 1-7).
 
     Returns ``{"metric", "split", "level", "held_out": [retriever names, sorted],
-    "labels": {label: {...}}, "baseline": label or None, "paired": {...}}``; ``baseline``
-    "auto" picks :func:`default_baseline`, None skips (c), ``paired`` is
-    :func:`paired_differences` (empty without a baseline). Per label: ``seeds`` (list),
-    ``n``, ``test`` (metric -> (mean, half, n) with the training retriever), ``val_start`` /
-    ``val_end`` / ``wall_s`` ((mean, half, n); ``wall_s`` is the RL wall time, ``rl_wall_s``,
-    else ``wall_s`` for older summaries), ``curves`` ({"step": ..., "wall_s": ...} from
+    "labels": {label: {...}}, "baseline": label or None, "paired": {...}, "efficiency":
+    {...}}``; ``baseline`` "auto" picks :func:`default_baseline`, None skips (c) and (e),
+    ``paired`` is :func:`paired_differences` and ``efficiency`` :func:`sample_efficiency`
+    (both empty without a baseline). Per label: ``seeds`` (list), ``n``, ``test`` (metric ->
+    (mean, half, n) with the training retriever), ``val_start`` / ``val_end`` / ``wall_s``
+    ((mean, half, n); ``wall_s`` is the RL wall time, ``rl_wall_s``, else ``wall_s`` for older
+    summaries), ``val_change`` (end minus start per seed, step 6), ``val_format_ok_end``
+    (:func:`final_format_ok`), ``credit_cos`` (``credit_cos_to_grpo`` over the seeds that
+    have it; n = 0 when none does), ``curves`` ({"step": ..., "wall_s": ...} from
     :func:`interpolate_curves`) and ``ood`` (retriever -> {"train", "held_out", "change":
     (mean, half, n) over the seeds having that retriever, "change_pct": float}).
     """
@@ -268,11 +424,17 @@ def aggregate(
                 m: mean_ci([s.get(m, math.nan) for s in train], level) for m in TEST_METRICS
             },
         }
-        hists = [[h for h in run["val_history"] if val_key in h and "step" in h] for run in group]
+        hists = [val_points(run, metric) for run in group]
         first = [h[0][val_key] if h else math.nan for h in hists]
         last = [h[-1][val_key] if h else math.nan for h in hists]
         entry["val_start"] = mean_ci(first, level)
         entry["val_end"] = mean_ci(last, level)
+        entry["val_change"] = mean_ci(np.subtract(last, first, dtype=np.float64), level)  # 6.
+        entry["val_format_ok_end"] = mean_ci([final_format_ok(run) for run in group], level)
+        entry["credit_cos"] = mean_ci(  # None (older summaries, no credit) is left out
+            [c if (c := run.get("credit_cos_to_grpo")) is not None else math.nan for run in group],
+            level,
+        )
         entry["wall_s"] = mean_ci(
             [run.get("rl_wall_s", run.get("wall_s", math.nan)) for run in group], level
         )
@@ -306,6 +468,7 @@ def aggregate(
     if baseline == "auto":
         baseline = default_baseline(runs)
     paired = paired_differences(runs, baseline, split, metric, level) if baseline else {}
+    efficiency = sample_efficiency(runs, baseline, metric, level) if baseline else {}
     return {
         "metric": metric,
         "split": split,
@@ -314,6 +477,7 @@ def aggregate(
         "labels": labels,
         "baseline": baseline,
         "paired": paired,
+        "efficiency": efficiency,
     }
 
 
@@ -336,7 +500,8 @@ def _num(x: float, digits: int = 4) -> str:
 
 
 def render_markdown(agg: dict[str, Any]) -> str:
-    """The markdown tables (a) per label, (b) out of distribution, (c) paired (with a baseline)."""
+    """The markdown tables (a) per label, (b) out of distribution, (c) paired (with a baseline),
+    (d) learning and (e) sample efficiency (with a baseline)."""
     metric, split = agg["metric"], agg["split"]
     pct = round(100 * agg["level"])
     lines = [
@@ -360,6 +525,9 @@ def render_markdown(agg: dict[str, Any]) -> str:
         lines += _ood_rows(agg)
     if agg.get("baseline"):
         lines += _paired_rows(agg)
+    lines += _learning_rows(agg)
+    if agg.get("baseline"):
+        lines += _efficiency_rows(agg)
     return "\n".join(lines) + "\n"
 
 
@@ -390,19 +558,99 @@ def _ood_rows(agg: dict[str, Any]) -> list[str]:
 def _paired_rows(agg: dict[str, Any]) -> list[str]:
     """Heading and rows of table (c)."""
     metric, split, base = agg["metric"], agg["split"], agg["baseline"]
+    pct = round(100 * agg["level"])
     lines = [
         "",
         f"## Paired against {base} (label minus {base} on the same seed, mean ± half-width)",
         "",
-        f"| label | seeds | {split} ndcg@10 | {split} recall@10 | {split} mrr "
+        f"| label | seeds | {split} ndcg@10 | relative | {split} recall@10 | {split} mrr "
         f"| val {metric} end | seeds with higher {split} {metric} |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    verdicts = []
     for label, p in agg["paired"].items():
         cells = [_fmt(p["test"][m], signed=True) for m in TEST_METRICS]
+        rel = f"{p['rel_pct']:+.1f}%" if math.isfinite(p["rel_pct"]) else "n/a"
+        cells.insert(1, rel)
         lines.append(
             f"| {label} | {p['n']} | {' | '.join(cells)} | {_fmt(p['val_end'], signed=True)} "
             f"| {p['wins']} of {p['n']} |"
+        )
+        mean, half, n = stat = p["test"].get(metric, (math.nan, math.nan, 0))
+        side = interval_side(stat)
+        if side == "no interval":
+            diff = f"{mean:+.4f}" if math.isfinite(mean) else "n/a"
+            verdicts.append(
+                f"- {label}: {split} {metric} minus {base} = {diff} over {n} paired "
+                f"seed{'s' if n != 1 else ''}: too few seeds for an interval."
+            )
+        else:
+            verdicts.append(
+                f"- {label}: {split} {metric} minus {base} = {mean:+.4f}, {pct}% interval "
+                f"[{mean - half:+.4f}, {mean + half:+.4f}] over {n} paired seeds: "
+                f"the interval {'lies ' if side != 'contains zero' else ''}{side}."
+            )
+    lines += [
+        "",
+        f"Relative: the mean difference of {split} {metric} in % of {base}'s mean over the "
+        "same seeds. Where the paired interval of the difference lies:",
+        "",
+        *verdicts,
+    ]
+    return lines
+
+
+def _learning_rows(agg: dict[str, Any]) -> list[str]:
+    """Heading and rows of table (d)."""
+    metric = agg["metric"]
+    pct = round(100 * agg["level"])
+    lines = [
+        "",
+        f"## Learning (validation {metric} over the RL run, mean over seeds; change: "
+        f"end − start per seed, mean ± {pct}% half-width)",
+        "",
+        f"| label | seeds | val {metric} start -> end | end − start | val format_ok end "
+        "| credit cos to grpo |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, e in agg["labels"].items():
+        val = f"{_num(e['val_start'][0])} -> {_num(e['val_end'][0])}"
+        cos_mean, _, cos_n = e["credit_cos"]
+        cos = _num(cos_mean, 3) if cos_n else "n/a"
+        if 0 < cos_n < e["n"]:
+            cos += f" ({cos_n} of {e['n']} seeds)"
+        lines.append(
+            f"| {label} | {e['n']} | {val} | {_fmt(e['val_change'], signed=True)} "
+            f"| {_num(e['val_format_ok_end'][0], 3)} | {cos} |"
+        )
+    return lines
+
+
+def _efficiency_rows(agg: dict[str, Any]) -> list[str]:
+    """Heading and rows of table (e)."""
+    metric, base, eff = agg["metric"], agg["baseline"], agg["efficiency"]
+    pct = round(100 * agg["level"])
+    lines = ["", f"## Sample efficiency (steps to reach {base}'s final validation {metric})", ""]
+    if not eff["labels"]:
+        lines.append(f"No target: {base} has no validation {metric} point.")
+        return lines
+    lines += [
+        f"Target: {eff['target']:.4f}, the final validation {metric} of {base} averaged over "
+        f"its {eff['target_n']} seeds. A seed reaches it at its first validation point at or "
+        "above it (no interpolation between validation points); steps and RL wall time are "
+        f"mean ± {pct}% half-width over the seeds that reach it, the others are counted in "
+        "'reached'.",
+        "",
+        "| label | reached | steps | RL wall (s) | step per seed |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for label, e in eff["labels"].items():
+        per_seed = ", ".join(
+            f"{seed}: {'never' if hit is None else f'{hit[0]:g}'}" for seed, hit in e["per_seed"]
+        )
+        lines.append(
+            f"| {label} | {e['reached']} of {e['n']} | {_fmt(e['steps'], 0)} "
+            f"| {_fmt(e['wall_s'], 0)} | {per_seed} |"
         )
     return lines
 
@@ -411,7 +659,8 @@ def plot(agg: dict[str, Any], path: str | Path) -> Path:
     """Validation metric against step and against wall time, mean + interval over seeds.
 
     With a baseline (``agg["paired"]``), a third panel shows each label minus the baseline on
-    the same seed against step (the pairing removes the spread between seeds' warm-ups).
+    the same seed against step (the pairing removes the spread between seeds' warm-ups), and
+    the step panel draws the sample-efficiency target (:func:`sample_efficiency`) dashed.
     """
     import matplotlib
 
@@ -436,9 +685,18 @@ def plot(agg: dict[str, Any], path: str | Path) -> Path:
             ax.fill_between(x, lo, hi, where=ok, color=colour, alpha=0.2, linewidth=0)
 
     panels = (("step", "RL step"), ("wall_s", "RL wall time (s)"))
+    target = (agg.get("efficiency") or {}).get("target", math.nan)
     for ax, (key, xlabel) in zip(axes[:2], panels, strict=True):
         for label, e in agg["labels"].items():
             draw(ax, e["curves"][key], label, f"{label} (n={e['n']})", key == "step")
+        if key == "step" and math.isfinite(target):
+            ax.axhline(
+                target,
+                color="grey",
+                linestyle="--",
+                linewidth=1,
+                label=f"target: {agg['baseline']} final ({target:.3f})",
+            )
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"val {agg['metric']}")
         ax.grid(alpha=0.3)

@@ -9,13 +9,18 @@ import pytest
 
 from ospo.report import (
     aggregate,
+    final_format_ok,
     interpolate_curves,
+    interval_side,
     load_runs,
     main,
     mean_ci,
     paired_differences,
     plot,
+    relative_difference,
     render_markdown,
+    sample_efficiency,
+    steps_to_reach,
 )
 
 T_975_DF2 = 4.302652729911275  # Student t quantile 0.975 with 2 degrees of freedom
@@ -282,10 +287,157 @@ def test_paired_differences_keep_their_sign(asymmetric):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2:] == [
         f"+0.0567 ± {half:.4f}",
+        "+14.2%",  # 0.0567 of grpo's mean 0.40
         "+0.1000 ± 0.0000",
         "-0.1000 ± 0.0000",
         f"+0.1000 ± {T_975_DF2 * 0.05 / math.sqrt(3):.4f}",
         "3 of 3",
     ]
     mixed = next(line for line in paired if line.startswith("| mixed | 3 |"))
-    assert "| +0.0267 ±" in mixed and "| 1 of 3 |" in mixed
+    assert "| +0.0267 ±" in mixed and "| +6.7% |" in mixed and "| 1 of 3 |" in mixed
+    assert p["ospo-owen-phrase"]["base_mean"] == pytest.approx(0.4)
+    assert p["ospo-owen-phrase"]["rel_pct"] == pytest.approx(100 * (0.17 / 3) / 0.4)
+    # diffs 0.10, 0.02, 0.05: half-width 0.100 > mean 0.057, so the interval contains zero
+    assert (
+        f"- ospo-owen-phrase: test ndcg@10 minus grpo = +0.0567, 95% interval "
+        f"[{0.17 / 3 - half:+.4f}, {0.17 / 3 + half:+.4f}] over 3 paired seeds: "
+        "the interval contains zero." in md
+    )
+
+
+def test_steps_to_reach_hand_computed():
+    run = _summary("grpo", 1, 0.3, 0.5, 0.4, steps=(0, 10, 20, 30), val=[0.1, 0.2, 0.3, 0.4])
+    # wall_s of a point is 5 * step + seed
+    assert steps_to_reach(run, 0.3) == (20, 101.0)  # exactly on the point at step 20
+    assert steps_to_reach(run, 0.25) == (20, 101.0)  # first point at or above, no interpolation
+    assert steps_to_reach(run, (0.2 + 0.4) / 2) == (20, 101.0)  # 0.30000000000000004: rounding
+    assert steps_to_reach(run, 0.41) is None  # never reached
+    assert steps_to_reach(run, 0.1) == (0, 1.0)  # reached at step 0
+    assert steps_to_reach(run, -1.0) == (0, 1.0)
+    shuffled = dict(run, val_history=run["val_history"][::-1])  # taken in step order
+    assert steps_to_reach(shuffled, 0.2) == (10, 51.0)
+    del shuffled["val_history"][0]["wall_s"]  # step 30 without wall time
+    step, wall = steps_to_reach(shuffled, 0.35)
+    assert step == 30 and math.isnan(wall)
+    assert steps_to_reach(dict(run, val_history=[]), 0.0) is None
+    with pytest.raises(ValueError, match="target must be a finite ndcg@10"):
+        steps_to_reach(run, math.nan)
+
+
+def test_relative_difference_and_interval_side():
+    assert relative_difference(0.05, 0.4) == pytest.approx(12.5)
+    assert relative_difference(-0.1, 0.4) == pytest.approx(-25.0)
+    assert math.isnan(relative_difference(0.1, 0.0))
+    assert math.isnan(relative_difference(math.nan, 0.4))
+    assert interval_side((0.05, 0.04, 3)) == "above zero"
+    assert interval_side((-0.05, 0.04, 3)) == "below zero"
+    assert interval_side((0.05, 0.06, 3)) == "contains zero"
+    assert interval_side((0.05, 0.05, 3)) == "contains zero"  # an end at zero contains it
+    assert interval_side((0.05, math.nan, 1)) == "no interval"
+    assert interval_side((math.nan, math.nan, 0)) == "no interval"
+
+
+def test_paired_verdict_lines(tmp_path):
+    """Label 'up' beats grpo by 0.10, 0.11, 0.09; 'down' loses by as much; one 'lone' seed."""
+    grpo = [0.30, 0.40, 0.50]
+    for seed, (g, d) in enumerate(zip(grpo, [0.10, 0.11, 0.09], strict=True)):
+        _write(tmp_path, f"g{seed}", _summary("grpo", seed, g, 0.5, 0.4))
+        _write(tmp_path, f"u{seed}", _summary("up", seed, g + d, 0.5, 0.4))
+        _write(tmp_path, f"d{seed}", _summary("down", seed, g - d, 0.5, 0.4))
+    _write(tmp_path, "l0", _summary("lone", 0, 0.35, 0.5, 0.4))
+    md = render_markdown(aggregate(load_runs(tmp_path)))
+    half = T_975_DF2 * 0.01 / math.sqrt(3)  # s = 0.01
+    assert (
+        f"- up: test ndcg@10 minus grpo = +0.1000, 95% interval [{0.1 - half:+.4f}, "
+        f"{0.1 + half:+.4f}] over 3 paired seeds: the interval lies above zero." in md
+    )
+    assert "over 3 paired seeds: the interval lies below zero." in md
+    assert "| down | 3 | -0.1000 ± " in md and "| -25.0% |" in md  # -0.10 of grpo's 0.40
+    assert (
+        "- lone: test ndcg@10 minus grpo = +0.0500 over 1 paired seed: too few seeds for an "
+        "interval." in md
+    )
+    assert "| lone | 1 | +0.0500 ± n/a | +16.7% |" in md  # 0.05 of grpo's seed-0 score 0.30
+
+
+def test_sample_efficiency(sweep):
+    """Target: grpo ends at 0.2 (seed 0) and 0.4 (seed 1), mean 0.3. grpo seed 1 hits 0.3 at
+    step 20, seed 0 never does; every OSPO seed hits 0.3 at step 20 (wall 5 * 20 + seed)."""
+    runs = load_runs(sweep)
+    eff = sample_efficiency(runs, "grpo")
+    assert eff["target"] == pytest.approx(0.3) and eff["target_n"] == 2
+    g = eff["labels"]["grpo"]
+    assert (g["n"], g["reached"]) == (2, 1)  # the seed that never reaches it is counted
+    assert g["per_seed"] == [(0, None), (1, (20, 101.0))]
+    assert g["steps"][:1] == (20.0,) and g["steps"][2] == 1 and math.isnan(g["steps"][1])
+    o = eff["labels"]["ospo-owen-phrase"]
+    assert (o["n"], o["reached"]) == (3, 3)
+    assert o["steps"] == (20.0, 0.0, 3)
+    assert o["wall_s"][0] == pytest.approx(101.0)
+    assert o["wall_s"][1] == pytest.approx(T_975_DF2 * 1.0 / math.sqrt(3))  # 100, 101, 102
+    agg = aggregate(runs)
+    assert agg["efficiency"]["target"] == pytest.approx(0.3)
+    assert aggregate(runs, baseline=None)["efficiency"] == {}
+    md = render_markdown(agg)
+    assert "Target: 0.3000, the final validation ndcg@10 of grpo averaged over its 2 seeds" in md
+    assert "| grpo | 1 of 2 | 20 ± n/a | 101 ± n/a | 0: never, 1: 20 |" in md
+    assert "| ospo-owen-phrase | 3 of 3 | 20 ± 0 | 101 ± 2 | 0: 20, 1: 20, 2: 20 |" in md
+    assert "Sample efficiency" not in render_markdown(aggregate(runs, baseline=None))
+    with pytest.raises(ValueError, match="'sft'.*grpo"):
+        sample_efficiency(runs, "sft")
+    no_val = [dict(r, val_history=[]) if r["label"] == "grpo" else r for r in runs]
+    assert sample_efficiency(no_val, "grpo")["labels"] == {}
+    assert "No target: grpo has no validation ndcg@10 point." in render_markdown(aggregate(no_val))
+
+
+def test_learning_table(asymmetric):
+    """OSPO validation: 0.1 -> 0.40, 0.35, 0.45, so the change is 0.30, 0.25, 0.35."""
+    runs = load_runs(asymmetric)
+    for run in runs:  # new summaries: format_ok and cosine to GRPO written by final_scores
+        run["val_format_ok_end"] = {"grpo": 1.0, "mixed": 0.5}.get(
+            run["label"], 0.8 + 0.05 * run["seed"]
+        )
+        run["credit_cos_to_grpo"] = 1.0 if run["label"] == "grpo" else 0.5 + 0.1 * run["seed"]
+    mixed = [r for r in runs if r["label"] == "mixed"]
+    mixed[0]["credit_cos_to_grpo"] = None  # a null cosine leaves the seed out of its mean
+    del mixed[1]["credit_cos_to_grpo"]
+    agg = aggregate(runs)
+    o = agg["labels"]["ospo-owen-phrase"]
+    mean, half, n = o["val_change"]
+    assert (mean, n) == (pytest.approx(0.30), 3)
+    assert half == pytest.approx(T_975_DF2 * 0.05 / math.sqrt(3))
+    assert o["val_format_ok_end"][0] == pytest.approx(0.85)  # 0.80, 0.85, 0.90
+    assert o["credit_cos"][0] == pytest.approx(0.6)  # 0.5, 0.6, 0.7
+    assert agg["labels"]["mixed"]["credit_cos"] == (
+        pytest.approx(0.7),
+        pytest.approx(math.nan, nan_ok=True),
+        1,
+    )
+    md = render_markdown(agg).split("## Learning", 1)[1]
+    assert (
+        f"| ospo-owen-phrase | 3 | 0.1000 -> 0.4000 | +0.3000 ± {half:.4f} | 0.850 | 0.600 |" in md
+    )
+    assert "| grpo | 3 | 0.1000 -> 0.3000 | +0.2000 ± 0.0000 | 1.000 | 1.000 |" in md
+    assert (
+        "| mixed | 3 | 0.1000 -> 0.3000 | +0.2000 ± 0.0000 | 0.500 | 0.700 (1 of 3 seeds) |" in md
+    )
+
+
+def test_old_summaries_lack_the_new_keys(tmp_path):
+    """Older summaries: no val_format_ok_end (format_ok from the last validation point, or
+    n/a without it) and no credit_cos_to_grpo (n/a)."""
+    old = _summary("grpo", 0, 0.3, 0.5, 0.4, steps=(0, 10), val=[0.1, 0.2])
+    old["val_history"][-1]["val/format_ok"] = 0.75
+    assert final_format_ok(old) == 0.75
+    older = _summary("ospo", 0, 0.4, 0.5, 0.4, steps=(0, 10), val=[0.1, 0.3])
+    for h in older["val_history"]:
+        del h["val/format_ok"]
+    assert math.isnan(final_format_ok(older))
+    assert final_format_ok(dict(older, val_format_ok_end=0.9)) == 0.9
+    _write(tmp_path, "0", old)
+    _write(tmp_path, "1", older)
+    md = render_markdown(aggregate(load_runs(tmp_path)))
+    learning = md.split("## Learning", 1)[1]
+    assert "| grpo | 1 | 0.1000 -> 0.2000 | +0.1000 ± n/a | 0.750 | n/a |" in learning
+    assert "| ospo | 1 | 0.1000 -> 0.3000 | +0.2000 ± n/a | n/a | n/a |" in learning
+    assert "| ospo | 1 of 1 | 10 ± n/a | 50 ± n/a | 0: 10 |" in md  # target 0.2: grpo's end
