@@ -270,7 +270,10 @@ class RLModule(pl.LightningModule):
     def _rngs(self) -> dict[str, np.random.Generator]:
         """Random streams that live across steps (Monte-Carlo attribution, random credit), so
         a resumed run draws what a straight run would."""
-        owners = {"attribution": self.rl_step.attribution, "advantage": self.rl_step.baseline.advantage}
+        owners = {
+            "attribution": self.rl_step.attribution,
+            "advantage": self.rl_step.baseline.advantage,
+        }
         return {k: o.rng for k, o in owners.items() if getattr(o, "rng", None) is not None}
 
 

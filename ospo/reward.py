@@ -201,7 +201,9 @@ class Reward:
         texts = list(texts)
         if len(texts) != len(samples):
             raise ValueError(f"got {len(texts)} texts for {len(samples)} samples; need one each")
-        return self.score_queries([query_text(s, t) for t, s in zip(texts, samples)], samples)
+        return self.score_queries(
+            [query_text(s, t) for t, s in zip(texts, samples, strict=True)], samples
+        )
 
     def score_queries(self, texts: Sequence[str], samples: Sequence[Any]) -> np.ndarray:
         """Main-metric reward of each whole query text (no prefix added), e.g. the raw
@@ -236,7 +238,7 @@ class Reward:
         texts = list(texts)
         if len(texts) != len(samples):
             raise ValueError(f"got {len(texts)} texts for {len(samples)} samples; need one each")
-        texts = [query_text(s, t) for t, s in zip(texts, samples)]
+        texts = [query_text(s, t) for t, s in zip(texts, samples, strict=True)]
         out = {name: np.zeros(len(texts)) for name in (f"ndcg@{k}", f"recall@{k}", "mrr")}
         if not texts:
             return out

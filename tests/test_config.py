@@ -147,7 +147,11 @@ def test_bad_values_name_the_key(make_cfg):
 def test_format_matches_the_completion_format(make_cfg):
     """The format sets the token budget and must fit what the data asks the policy to write."""
     cfg = make_cfg([])
-    assert (cfg.data.completion, cfg.format.completion, cfg.rl.max_new_tokens) == ("append", "append", 16)
+    assert (cfg.data.completion, cfg.format.completion, cfg.rl.max_new_tokens) == (
+        "append",
+        "append",
+        16,
+    )
     rewrite = make_cfg(["data.completion=rewrite", "format=rewrite"])
     validate(rewrite)
     assert rewrite.rl.max_new_tokens == 40 and rewrite.format.max_words == 32

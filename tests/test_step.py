@@ -95,7 +95,9 @@ def test_append_format_plays_the_game_after_the_request(shop, shop_rewrite, rewa
     request whatever keep_query says, so v(empty) = the request's own reward."""
     a, r = shop.splits["test"][0], shop_rewrite.splits["test"][0]
     words = "waterproof kids warm"
-    assert reward.score_texts([words], [a])[0] == reward.score_texts([f"{a.request} {words}"], [r])[0]
+    assert (
+        reward.score_texts([words], [a])[0] == reward.score_texts([f"{a.request} {words}"], [r])[0]
+    )
     assert reward.score_queries([a.request], [a])[0] == reward.score_texts([a.request], [r])[0]
     assert coalition_base(a, False) == coalition_base(a, True) == a.request
     assert (coalition_base(r, False), coalition_base(r, True)) == ("", r.request)

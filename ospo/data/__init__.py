@@ -45,12 +45,14 @@ DEFAULT_SYSTEM_PROMPT = (
 """System prompt of the rewrite format unless the data config overrides it."""
 
 APPEND_SYSTEM_PROMPT = (
-    "List the product attributes the shopping request implies, as a few search words on one "
-    "line."
+    "List the product attributes the shopping request implies, as a few search words on one line."
 )
 """System prompt of the append format unless the data config overrides it."""
 
-COMPLETION_FORMATS: dict[str, str] = {"rewrite": DEFAULT_SYSTEM_PROMPT, "append": APPEND_SYSTEM_PROMPT}
+COMPLETION_FORMATS: dict[str, str] = {
+    "rewrite": DEFAULT_SYSTEM_PROMPT,
+    "append": APPEND_SYSTEM_PROMPT,
+}
 """What the policy writes (``data.completion``), and each format's default system prompt:
 
 * ``rewrite``: the whole query (request words kept, attributes added); query = completion.
