@@ -42,8 +42,13 @@ import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 from ospo.advantage import GRPO, OSPO, cos_to_grpo, group_advantages, token_credit  # noqa: E402
-from ospo.build import build_baseline, build_credit, build_data, build_reward  # noqa: E402
-from ospo.build import load_warm_policy  # noqa: E402
+from ospo.build import (  # noqa: E402
+    build_baseline,
+    build_credit,
+    build_data,
+    build_reward,
+    load_warm_policy,  # noqa: E402
+)
 from ospo.config import compose_config  # noqa: E402
 from ospo.evaluate import autocast_for  # noqa: E402
 from ospo.format import format_ok  # noqa: E402
