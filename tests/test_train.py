@@ -35,8 +35,9 @@ def test_tiny_run_end_to_end(make_cfg, tmp_path):
     cfg = make_cfg(TINY)
     summary = run_train(cfg, tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
-    for key in ("val_ndcg@10_start", "val_ndcg@10_end", "steps", "wall_s"):
+    for key in ("val_ndcg@10_start", "val_ndcg@10_end", "steps", "wall_s", "val_format_ok_end"):
         assert isinstance(saved[key], (int, float)), key
+    assert -1.0 <= saved["credit_cos_to_grpo"] <= 1.0  # run mean of credit/cos_to_grpo
     assert saved["steps"] == 4 == summary["steps"]
     assert (tmp_path / "run" / "warmup.json").exists()
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -62,7 +63,7 @@ def test_tiny_run_end_to_end(make_cfg, tmp_path):
         run_dir=tmp_path / "eval",
     )
     results = run_eval(ecfg, tmp_path / "eval")
-    assert set(results["retrievers"]) == {"bm25", "bm25_plus"}
+    assert set(results["retrievers"]) == {"bm25", "qld"}
     assert (tmp_path / "eval" / "results.md").read_text().count("|") > 8
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["n"] == 4
 
@@ -144,6 +145,10 @@ def test_cli_sweep_and_wandb_offline(tmp_path):
         ["baseline=grpo"],
         ["baseline.advantage.weighting=signed"],
         ["reward=recall", "retriever=bm25_plus", "baseline.mu=2", "baseline.loss.beta=0.04"],
+        ["data.completion=rewrite", "format=rewrite", "rl.max_new_tokens=12"],
+        ["baseline=random_credit"],
+        ["baseline=entropy"],
+        ["rl.invalid_reward=null", "baseline.advantage.clip_kappa=2.0"],
     ],
     ids=lambda m: ",".join(m),
 )
@@ -153,6 +158,8 @@ def test_method_variants_run(make_cfg, tmp_path, method):
     assert summary["steps"] == 2
     rows = _metrics(tmp_path / "run")
     assert len(rows) == 2 and all(r["train/loss"] == r["train/loss"] for r in rows)  # no NaN
+    cos = summary["credit_cos_to_grpo"]
+    assert cos == 1.0 if "baseline=grpo" in method else -1.0 <= cos <= 1.0
 
 
 @pytest.mark.slow
