@@ -81,6 +81,7 @@ from typing import Any
 
 import numpy as np
 
+from ospo.io import write_json
 from ospo.metrics import mean_ci, t_quantile
 
 __all__ = [
@@ -89,6 +90,7 @@ __all__ = [
     "final_format_ok",
     "interpolate_curves",
     "interval_side",
+    "keep_summaries",
     "load_runs",
     "main",
     "mean_ci",
@@ -110,6 +112,20 @@ TRAIN_KEY = "train"
 
 
 # ----------------------------------------------------------------------------- loading
+
+
+def keep_summaries(runs: Sequence[dict[str, Any]], dest: str | Path) -> list[Path]:
+    """Copy each run's summary.json to ``dest/<label>/seed<seed>/summary.json``, so that the
+    tables and plots of a sweep split over sessions can be rebuilt from the repository
+    (``python -m ospo.report <dest>``). An existing copy of the same label and seed is
+    replaced (atomically). Returns the written paths."""
+    out = []
+    for run in runs:
+        summary = {k: v for k, v in run.items() if k != "path"}
+        path = Path(dest) / str(run["label"]) / f"seed{run['seed']}" / "summary.json"
+        write_json(path, summary)
+        out.append(path)
+    return out
 
 
 def load_runs(folder: str | Path, split: str = "test") -> list[dict[str, Any]]:
@@ -734,12 +750,20 @@ def main(argv: Sequence[str] | None = None) -> str:
         default="auto",
         help="label the others are paired against (default: grpo if present; 'none' to skip)",
     )
+    parser.add_argument(
+        "--keep",
+        default=None,
+        help="also copy each job's summary.json to KEEP/<label>/seed<seed>/ (e.g. results/compare_shop)",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else Path(args.folder)
     try:
         runs = load_runs(args.folder, split=args.split)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
+    if args.keep:
+        kept = keep_summaries(runs, args.keep)
+        print(f"kept {len(kept)} summaries under {args.keep}")
     baseline = None if args.baseline.lower() == "none" else args.baseline
     try:
         agg = aggregate(runs, split=args.split, baseline=baseline)

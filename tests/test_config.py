@@ -44,7 +44,11 @@ def test_every_group_has_options():
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_option_composes(make_cfg, group):
     rewrite = ["format=rewrite"]  # the file data sets write whole queries
-    extra = {"esci": ["data.root=/x", *rewrite], "hm": ["data.root=/x", *rewrite], "hf": ["model.name=/x"]}
+    extra = {
+        "esci": ["data.root=/x", *rewrite],
+        "hm": ["data.root=/x", *rewrite],
+        "hf": ["model.name=/x"],
+    }
     for opt in options(group):
         cfg = make_cfg([f"{group}={opt}", *extra.get(opt, [])])
         OmegaConf.to_container(cfg, resolve=False)

@@ -12,6 +12,7 @@ from ospo.report import (
     final_format_ok,
     interpolate_curves,
     interval_side,
+    keep_summaries,
     load_runs,
     main,
     mean_ci,
@@ -108,6 +109,16 @@ def test_load_runs_finds_every_summary(sweep):
     runs = load_runs(sweep)
     assert len(runs) == 5
     assert all(r["path"].endswith("summary.json") for r in runs)
+
+
+def test_keep_summaries_rebuilds_the_same_report(sweep, tmp_path):
+    """Summaries kept in a results folder give the same tables as the sweep folder."""
+    kept = keep_summaries(load_runs(sweep), tmp_path / "results")
+    assert len(kept) == 5 and all(p.parent.name.startswith("seed") for p in kept)
+    again = load_runs(tmp_path / "results")
+    assert render_markdown(aggregate(again)) == render_markdown(aggregate(load_runs(sweep)))
+    keep_summaries(load_runs(sweep)[:1], tmp_path / "results")  # re-kept: replaced, not added
+    assert len(load_runs(tmp_path / "results")) == 5
 
 
 def test_load_runs_errors(tmp_path):

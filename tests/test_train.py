@@ -143,7 +143,7 @@ def test_cli_sweep_and_wandb_offline(tmp_path):
         ["attribution=shapley_mc"],
         ["attribution=shapley"],
         ["baseline=grpo"],
-        ["baseline.advantage.weighting=signed"],
+        ["baseline.advantage.weighting=hybrid", "baseline.advantage.alpha=0.7"],
         ["reward=recall", "retriever=bm25_plus", "baseline.mu=2", "baseline.loss.beta=0.04"],
         ["data.completion=rewrite", "format=rewrite", "rl.max_new_tokens=12"],
         ["baseline=random_credit"],
