@@ -342,7 +342,7 @@ class OSPO:
 
     Per completion: GRPO's A_i, then token_credit -> credit_weights -> redistribute over the
     valid tokens, so the mean token advantage stays A_i. A completion falls back to GRPO's
-    uniform A_i when its reward is 0, it has no segments, or its phi is missing, all zero or
+    uniform A_i when it has no segments, or its phi is missing, all zero or
     not finite. With `clip_kappa`, token advantages are clipped (after redistribution, on every
     row) to +-clip_kappa * std of the batch's A_i (unbiased std; skipped when it is undefined);
     clipping may break the exact mean. Returns the (N, T) advantages and GRPO's stats
@@ -420,8 +420,7 @@ class OSPO:
                 )
             a = float(adv[i])
             if (
-                r[i] == 0
-                or not seg_spans
+                not seg_spans
                 or phi is None
                 or not np.isfinite(phi).all()
                 or not np.any(phi)

@@ -307,7 +307,7 @@ def test_ospo_clipping_bounds():
 
 def test_ospo_fallback_rows_equal_grpo():
     rewards, g, mask, spans, segs, phis = random_batch(2)
-    rewards[0] = 0.0  # zero reward
+    phis[0] = np.zeros_like(phis[0])  # all-zero phi
     segs[1], phis[1] = seg([]), np.zeros(0)  # no segments
     phis[2] = np.zeros_like(phis[2])  # all-zero phi
     phis[3] = np.full_like(phis[3], np.nan)  # NaN phi
