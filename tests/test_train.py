@@ -68,11 +68,16 @@ def test_tiny_run_end_to_end(make_cfg, tmp_path):
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["n"] == 4
 
 
-def test_resume_matches_straight_run(make_cfg, tmp_path):
-    straight = make_cfg(TINY + ["baseline.mu=2"], run_dir=tmp_path / "a")
+@pytest.mark.parametrize(
+    "method",
+    [["baseline.mu=2"], ["baseline=random_credit"]],  # random credit: its shuffles resume too
+    ids=lambda m: ",".join(m),
+)
+def test_resume_matches_straight_run(make_cfg, tmp_path, method):
+    straight = make_cfg(TINY + method, run_dir=tmp_path / "a")
     run_train(straight, tmp_path / "a")
 
-    half = make_cfg(TINY + ["baseline.mu=2", "rl.steps=4"], run_dir=tmp_path / "b")
+    half = make_cfg(TINY + [*method, "rl.steps=4"], run_dir=tmp_path / "b")
     with pytest.MonkeyPatch.context() as mp:
         from ospo import module
 
@@ -92,7 +97,7 @@ def test_resume_matches_straight_run(make_cfg, tmp_path):
             pass
     ckpt = tmp_path / "b" / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, map_location="cpu", weights_only=False)["ospo"]["rollout_step"] == 2
-    resumed = make_cfg(TINY + ["baseline.mu=2", f"ckpt_path={ckpt}"], run_dir=tmp_path / "b")
+    resumed = make_cfg(TINY + [*method, f"ckpt_path={ckpt}"], run_dir=tmp_path / "b")
     run_train(resumed, tmp_path / "b")
     straight_rows, resumed_rows = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
     assert len(straight_rows) == 4
