@@ -419,12 +419,7 @@ class OSPO:
                     f"completion {i}: phi has {phi.size} values but {len(seg_spans)} segments"
                 )
             a = float(adv[i])
-            if (
-                not seg_spans
-                or phi is None
-                or not np.isfinite(phi).all()
-                or not np.any(phi)
-            ):
+            if not seg_spans or phi is None or not np.isfinite(phi).all() or not np.any(phi):
                 out[i, pos] = a
                 fallbacks += 1
                 continue

@@ -115,7 +115,7 @@ def score(
 def coalition_base(sample: Sample, keep_query: bool) -> str:
     """The text every coalition starts from, so v(empty) is its reward: the sample's query
     prefix (the request, in the append format), else the request when `keep_query`, else ""."""
-    return sample.prefix or (sample.request if keep_query else "")
+    return getattr(sample, "prefix", "") or (sample.request if keep_query else "")
 
 
 @dataclass

@@ -110,7 +110,7 @@ def test_instantiate_heavy_options(make_cfg):
 def test_variants_pick_the_compared_methods(make_cfg):
     cfg = make_cfg(["experiment=compare_shop", "variant=ospo_mc_phrase"])
     assert cfg.baseline.name == "ospo" and cfg.attribution._target_.endswith("ShapleyMC")
-    assert cfg.rl.steps == 20 and "dense" in cfg.eval.retrievers
+    assert cfg.rl.steps == 60 and "dense" in cfg.eval.retrievers
     cfg = make_cfg(["experiment=compare_shop", "variant=grpo"])
     assert cfg.baseline.name == "grpo" and not instantiate(cfg.baseline).needs_credit
     cfg = make_cfg(["variant=ospo_owen_sentence"])

@@ -508,6 +508,9 @@ class LengthReward:
             [len(t.strip()) / 100 + (s.qid == "q1") for t, s in zip(texts, samples, strict=True)]
         )
 
+    def score_queries(self, texts, samples):  # the samples have no prefix: queries = texts
+        return self.score_texts(texts, samples)
+
 
 def demo_samples(n=3):
     from ospo.data import Sample

@@ -153,7 +153,7 @@ def test_cli_sweep_and_wandb_offline(tmp_path):
         ["data.completion=rewrite", "format=rewrite", "rl.max_new_tokens=12"],
         ["baseline=random_credit"],
         ["baseline=entropy"],
-        ["rl.invalid_reward=null", "baseline.advantage.clip_kappa=2.0"],
+        ["rl.invalid_reward=0.0", "baseline.advantage.clip_kappa=2.0"],
     ],
     ids=lambda m: ",".join(m),
 )
