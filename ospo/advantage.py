@@ -492,9 +492,8 @@ class EntropyCredit:
     Negative advantages: `negative="entropy"` (default) weighs both signs by H_t, so the update
     of every completion concentrates on its high-entropy ("forking") tokens, as in the
     high-entropy-minority results of Wang et al. 2025 (arXiv 2506.01939). It is the default
-    because (1) like OSPO's default `hybrid` weighting it uses the same weights for both signs,
-    so this control differs from OSPO only in where the credit comes from; (2) its weights are
-    bounded by log(vocabulary size), while 1 / H_t grows without bound as H_t -> 0 and would
+    because its weights are bounded by log(vocabulary size), while 1 / H_t grows without
+    bound as H_t -> 0 and would
     put most of a negative completion's blame on near-deterministic tokens (closing tags, EOS),
     whose log-prob gradient is near 0 anyway, making the result hinge on `inverse_eps`.
     `negative="inverse"` is GTPO's choice (Tan et al. 2025, arXiv 2508.04349): a failed
