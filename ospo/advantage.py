@@ -308,6 +308,25 @@ def _clip(out: Tensor, valid: Tensor, adv: Tensor, kappa: float | None) -> tuple
     return out.clamp(-bound, bound), frac
 
 
+def _clip_and_stats(
+    out: Tensor, valid: Tensor, r: Tensor, adv: Tensor, group_size: int, fallbacks: int, kappa
+) -> tuple[Tensor, dict[str, float]]:
+    """The shared tail of the redistributing estimators (OSPO, its controls): the optional
+    clip, then GRPO's stats plus frac_fallback, frac_clipped and cos_to_grpo (after clipping).
+    out, valid: (N, T); r, adv: (N,)."""
+    out, frac_clipped = _clip(out, valid, adv, kappa)
+    stats = _reward_stats(r, adv, group_size)
+    stats["frac_fallback"] = fallbacks / max(r.numel(), 1)
+    stats["frac_clipped"] = frac_clipped
+    stats["cos_to_grpo"] = cos_to_grpo(out, adv, valid)
+    return out, stats
+
+
+def _check_kappa(clip_kappa: float | None) -> None:
+    if clip_kappa is not None and not clip_kappa > 0:
+        raise ValueError(f"clip_kappa must be positive or None, got {clip_kappa}")
+
+
 class GRPO:
     """Sequence-level credit: every valid token of completion i gets A_i
     (docs/design.md section 2.1).
@@ -368,8 +387,7 @@ class OSPO:
         _check_choice("weighting", weighting, WEIGHTINGS)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-        if clip_kappa is not None and not clip_kappa > 0:
-            raise ValueError(f"clip_kappa must be positive or None, got {clip_kappa}")
+        _check_kappa(clip_kappa)
         self.scale = scale
         self.eps = eps
         self.weighting = weighting
@@ -426,11 +444,7 @@ class OSPO:
             credit, covered = token_credit(token_spans[i], seg_spans, phi)  # (T_i,), (T_i,)
             u = credit_weights(credit, covered, self.weighting, self.alpha, a)  # (T_i,)
             out[i, pos] = redistribute(a, u)
-        out, frac_clipped = _clip(out, valid, adv, self.clip_kappa)
-        stats = _reward_stats(r, adv, group_size)
-        stats["frac_fallback"] = fallbacks / max(n_rows, 1)
-        stats["frac_clipped"] = frac_clipped
-        stats["cos_to_grpo"] = cos_to_grpo(out, adv, valid)
+        out, stats = _clip_and_stats(out, valid, r, adv, group_size, fallbacks, self.clip_kappa)
         return out.to(mask.device), stats
 
     def transform_phis(self, phis: Sequence) -> Sequence:
@@ -519,8 +533,7 @@ class EntropyCredit:
         _check_choice("negative", negative, NEGATIVES)
         if not inverse_eps > 0:
             raise ValueError(f"inverse_eps must be positive, got {inverse_eps}")
-        if clip_kappa is not None and not clip_kappa > 0:
-            raise ValueError(f"clip_kappa must be positive or None, got {clip_kappa}")
+        _check_kappa(clip_kappa)
         self.scale = scale
         self.eps = eps
         self.negative = negative
@@ -558,11 +571,7 @@ class EntropyCredit:
             u = entropy_weights(h[i][valid[i]], a, self.negative, self.inverse_eps)  # (T_i,)
             fallbacks += bool((u == 1).all())
             out[i, valid[i]] = redistribute(a, u)
-        out, frac_clipped = _clip(out, valid, adv, self.clip_kappa)
-        stats = _reward_stats(r, adv, group_size)
-        stats["frac_fallback"] = fallbacks / max(r.numel(), 1)
-        stats["frac_clipped"] = frac_clipped
-        stats["cos_to_grpo"] = cos_to_grpo(out, adv, valid)
+        out, stats = _clip_and_stats(out, valid, r, adv, group_size, fallbacks, self.clip_kappa)
         return out.to(mask.device), stats
 
 
