@@ -142,8 +142,8 @@ def run_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if not module.val_history or module.val_history[-1]["step"] != module.rollout_step:
             trainer.validate(module, val_loader, verbose=False)
 
-        label = baseline.name
-        if baseline.needs_credit:
+        label = cfg.get("label") or baseline.name
+        if baseline.needs_credit and not cfg.get("label"):
             label += f"-{_choice('attribution')}-{_choice('segmenter')}"
         summary: dict[str, Any] = {
             "steps": module.rollout_step,

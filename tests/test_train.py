@@ -148,7 +148,7 @@ def test_cli_sweep_and_wandb_offline(tmp_path):
         ["attribution=shapley_mc"],
         ["attribution=shapley"],
         ["baseline=grpo"],
-        ["baseline.advantage.weighting=hybrid", "baseline.advantage.alpha=0.7"],
+        ["baseline.advantage.weighting=hybrid", "baseline.advantage.alpha=0.7", "label=ospo-hyb"],
         ["reward=recall", "retriever=bm25_plus", "baseline.mu=2", "baseline.loss.beta=0.04"],
         ["data.completion=rewrite", "format=rewrite", "rl.max_new_tokens=12"],
         ["baseline=random_credit"],
@@ -163,6 +163,9 @@ def test_method_variants_run(make_cfg, tmp_path, method):
     assert summary["steps"] == 2
     rows = _metrics(tmp_path / "run")
     assert len(rows) == 2 and all(r["train/loss"] == r["train/loss"] for r in rows)  # no NaN
+    named = [o.split("=", 1)[1] for o in method if o.startswith("label=")]
+    label = summary["label"]
+    assert label == named[0] if named else label.startswith(summary["method"])
     cos = summary["credit_cos_to_grpo"]
     assert cos == 1.0 if "baseline=grpo" in method else -1.0 <= cos <= 1.0
 
