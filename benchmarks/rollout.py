@@ -89,7 +89,7 @@ def main() -> None:
 
     one_off: dict[str, tuple[float, float]] = {}
     for mode in a.sync.split(","):
-        engine = VLLMRollout(sync=mode, kv_cache_gib=1)
+        engine = VLLMRollout(sync=mode, cpu_kv_cache_gib=1)
         start = engine.sync(policy, version=0)
         syncs = []
         for k in range(1, a.repeats + 1):

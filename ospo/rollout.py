@@ -110,7 +110,7 @@ class VLLMRollout(HFRollout):
         dtype: str | None = None,
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.3,
-        kv_cache_gib: float | None = None,
+        cpu_kv_cache_gib: float = 1.0,
         max_model_len: int = 1024,
         enforce_eager: bool = True,
         compile: bool = False,
@@ -122,7 +122,10 @@ class VLLMRollout(HFRollout):
             raise ValueError(f"rollout.tensor_parallel_size={tensor_parallel_size}: must be >= 1")
         self.sync_mode, self.dtype = sync, dtype
         self.tensor_parallel_size = tensor_parallel_size
-        self.gpu_memory_utilization, self.kv_cache_gib = gpu_memory_utilization, kv_cache_gib
+        self.gpu_memory_utilization, self.cpu_kv_cache_gib = (
+            gpu_memory_utilization,
+            cpu_kv_cache_gib,
+        )
         self.max_model_len, self.enforce_eager, self.compile = max_model_len, enforce_eager, compile
         self.engine_kwargs = dict(engine_kwargs or {})
         self.llm = None
@@ -177,10 +180,10 @@ class VLLMRollout(HFRollout):
         )
         if not self.compile:
             kwargs["compilation_config"] = {"mode": 0}  # no torch.compile: start-up in seconds
-        if torch.cuda.is_available():
+        if torch.cuda.is_available():  # weights + KV cache: a share of the GPU's memory
             kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
-        if self.kv_cache_gib is not None:
-            kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_gib * 2**30)
+        else:
+            kwargs["kv_cache_memory_bytes"] = int(self.cpu_kv_cache_gib * 2**30)
         self._owns_process_group = not torch.distributed.is_initialized()
         if not self._owns_process_group:
             kwargs["distributed_executor_backend"] = "external_launcher"  # one engine per rank

@@ -75,7 +75,7 @@ def _large_step(policy, requests) -> None:
 @pytest.mark.parametrize("sync", ["merged", "adapter"])
 def test_vllm_greedy_matches_hf_before_and_after_an_update(smol_dir, requests, sync):
     policy = _policy(smol_dir)
-    engine = VLLMRollout(sync=sync, kv_cache_gib=1, max_model_len=512)
+    engine = VLLMRollout(sync=sync, cpu_kv_cache_gib=1, max_model_len=512)
     try:
         assert engine.sync(policy, version=0) > 0  # the engine starts from the policy
         before = _greedy(HFRollout(), policy, requests)
@@ -97,7 +97,7 @@ def test_vllm_sampling_is_seeded(smol_dir, requests):
     16 x 8 completions included (per-request seeds fail on CPU, the engine's generator
     does not)."""
     policy = load_smollm2(cache_dir=smol_dir)  # no LoRA: sync=merged copies full weights
-    engine = VLLMRollout(kv_cache_gib=1, max_model_len=512)
+    engine = VLLMRollout(cpu_kv_cache_gib=1, max_model_len=512)
     sampling = Sampling(max_new_tokens=MAX_NEW)
     try:
         engine.sync(policy, version=0)
