@@ -122,10 +122,8 @@ class VLLMRollout(HFRollout):
             raise ValueError(f"rollout.tensor_parallel_size={tensor_parallel_size}: must be >= 1")
         self.sync_mode, self.dtype = sync, dtype
         self.tensor_parallel_size = tensor_parallel_size
-        self.gpu_memory_utilization, self.cpu_kv_cache_gib = (
-            gpu_memory_utilization,
-            cpu_kv_cache_gib,
-        )
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.cpu_kv_cache_gib = cpu_kv_cache_gib
         self.max_model_len, self.enforce_eager, self.compile = max_model_len, enforce_eager, compile
         self.engine_kwargs = dict(engine_kwargs or {})
         self.llm = None
