@@ -3,7 +3,7 @@
 
 Rollouts come from the warm-up policy of the default config (the cached warm-up folder that
 `python train.py` writes), sampled as in training: `--batches` rollout steps of the training
-schedule (B requests x G completions, `ospo.step.rollout` with the step's seed), rewards with
+schedule (B requests x G completions, `ospo.rollout.HFRollout` with the step's seed), rewards with
 the format gate (`ospo.step.score`), credit with the configured segmenter and exact Owen
 (`ospo.step.compute_credit`). Then every estimator setting below runs on the SAME rollouts and
 credit, and for each one the table reports:
@@ -53,9 +53,10 @@ from ospo.config import compose_config  # noqa: E402
 from ospo.evaluate import autocast_for  # noqa: E402
 from ospo.format import format_ok  # noqa: E402
 from ospo.retriever import tokenize  # noqa: E402
+from ospo.rollout import HFRollout  # noqa: E402
 from ospo.segmenter import PhraseSegmenter  # noqa: E402
 from ospo.sft import WARMUP_MARKER, warmup_dir  # noqa: E402
-from ospo.step import PromptSchedule, Sampling, compute_credit, rollout, score, step_seed  # noqa: E402
+from ospo.step import PromptSchedule, Sampling, compute_credit, score, step_seed  # noqa: E402
 
 SETTINGS: list[tuple[str, dict]] = [
     ("prop", {"weighting": "prop"}),
@@ -137,7 +138,7 @@ def main(argv=None) -> None:
         prompts = schedule(step)
         samples = [s for s in prompts for _ in range(G)]
         with torch.no_grad(), autocast_for(cfg, policy):
-            ro = rollout(policy, prompts, G, sampling, step_seed(args.seed, step))
+            ro = HFRollout()(policy, prompts, G, sampling, step_seed(args.seed, step))
         ok = format_ok(ro.texts, ro.ended, check)
         r = score(reward, ro.texts, samples, ok, cfg.rl.invalid_reward)  # (N,)
         a = group_advantages(r, G)  # (N,)

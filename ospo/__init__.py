@@ -18,6 +18,7 @@ section 4 the data flow of one step):
     loss           clipped policy-gradient loss (+ k3 KL)
     baseline       the method: estimator + loss + mu + keep_query
     policy/        Policy; sampling, logprobs, loading, saving
+    rollout        rollout engines: the policy's own generate (hf) or a colocated vLLM
     step           one RL step: rollout, score, compute_credit, update (RLStep)
     module         RLModule (LightningModule): runs RLStep, logs, validates, checkpoints
     build          every config group's object, by _target_
@@ -25,7 +26,7 @@ section 4 the data flow of one step):
     rl             the RL stage: `python train.py`
     evaluate       expansions and scores: `python eval.py`
     credit_html    completions coloured by segment credit
-    report, faithfulness, demos, zeroshot   commands: `python -m ospo.<name>`
+    report, faithfulness, demos, zeroshot, export   commands: `python -m ospo.<name>`
 """
 
 __version__ = "0.1.0"

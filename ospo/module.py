@@ -156,6 +156,7 @@ class RLModule(pl.LightningModule):
             "train/tokens_per_s": float(ro.completion_mask.sum() / step_s),
             "time/step_s": s["step"],
             "time/generate_s": s["generate"],
+            "time/sync_s": s["sync"],
             "time/update_s": s["update"],
             "time/attribution_share": s["credit"] / step_s,
             "credit/coalitions": float(out.credit.coalitions),

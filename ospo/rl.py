@@ -105,6 +105,7 @@ def run_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         ref_policy=ref,
         format_check=format_check,
         invalid_reward=cfg.rl.invalid_reward,
+        engine=instantiate(cfg.rollout),
     )
     module = RLModule(
         step,
@@ -171,6 +172,7 @@ def run_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             )
         return summary
     finally:
+        step.engine.close()  # a vLLM engine and its folder, so the next job of a sweep starts clean
         for logger in loggers:  # close W&B runs so that each job of a sweep gets its own run
             if isinstance(logger, WandbLogger) and logger._experiment is not None:
                 logger.experiment.finish()

@@ -1,6 +1,6 @@
 """One RL step of GRPO or OSPO, in parts (docs/design.md section 4).
 
-    prompts (B) -> rollout: G completions each, N = B * G        Rollouts, ids/mask (N, T)
+    prompts (B) -> rollout (engine: hf | vllm): G completions each  Rollouts, ids/mask (N, T)
                 -> score: reward of each completion                r (N,)
                 -> compute_credit [OSPO]: segments, phi per completion
                    (token_entropy [entropy control]: H (N, T))
@@ -30,6 +30,7 @@ from ospo.data import Sample
 from ospo.format import FormatCheck, format_ok
 from ospo.interfaces import Attribution, Reward, Segmenter
 from ospo.policy import Policy, Rollouts
+from ospo.rollout import HFRollout
 
 
 @dataclass(frozen=True)
@@ -78,21 +79,6 @@ class PromptSchedule:
 
 
 # ----------------------------------------------------------------------------- the parts
-def rollout(
-    policy: Policy, prompts: Sequence[Sample], num_generations: int, sampling: Sampling, seed: int
-) -> Rollouts:
-    """G sampled completions per prompt, N = B * G rows, prompt-major; seeded by `seed`."""
-    torch.manual_seed(seed)
-    return policy.generate(
-        [s.messages for s in prompts],
-        num_generations=num_generations,
-        max_new_tokens=sampling.max_new_tokens,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        do_sample=True,
-    )
-
-
 def score(
     reward: Reward,
     texts: Sequence[str],
@@ -264,12 +250,14 @@ class StepResult:
     advantage_stats: dict[str, float]
     loss: Tensor
     loss_metrics: dict[str, float]
-    seconds: dict[str, float]  # step, generate, reward, credit, advantage, update
+    seconds: dict[str, float]  # step, sync, generate, reward, credit, advantage, update
 
 
 class RLStep:
     """rollout -> score -> [credit] -> advantages -> update, timed part by part.
 
+    `engine` samples the rollouts (`ospo.rollout`; the policy's own `generate` by default);
+    before each rollout it catches up with the optimizer steps taken so far (`updates`).
     `format_check` marks each completion well-formed or not (logged; with `invalid_reward`
     set, an ill-formed completion's reward is replaced by it, see `score`)."""
 
@@ -285,6 +273,7 @@ class RLStep:
         ref_policy: Policy | None = None,
         format_check: FormatCheck | None = None,
         invalid_reward: float | None = None,
+        engine: HFRollout | None = None,
     ):
         if baseline.needs_credit and (segmenter is None or attribution is None):
             raise ValueError(f"{baseline.name} needs a segmenter and an attribution for credit")
@@ -294,6 +283,8 @@ class RLStep:
         self.sampling, self.num_generations = sampling, num_generations
         self.segmenter, self.attribution, self.ref_policy = segmenter, attribution, ref_policy
         self.format_check, self.invalid_reward = format_check, invalid_reward
+        self.engine = engine if engine is not None else HFRollout()
+        self.updates = 0  # optimizer steps taken through this object
 
     def __call__(
         self,
@@ -309,8 +300,10 @@ class RLStep:
         seconds: dict[str, float] = {}
         t_step = t0 = time.perf_counter()
 
-        # 1. rollouts
-        ro = rollout(self.policy, prompts, G, self.sampling, seed)
+        # 1. rollouts, by an engine brought up to date with the last update
+        seconds["sync"] = self.engine.sync(self.policy, self.updates)
+        t0 = time.perf_counter()
+        ro = self.engine(self.policy, prompts, G, self.sampling, seed)
         seconds["generate"] = time.perf_counter() - t0
 
         # 2. reward
@@ -362,6 +355,7 @@ class RLStep:
             backward=backward,
             clip=clip,
         )
+        self.updates += self.baseline.mu
         seconds["update"] = time.perf_counter() - t0
         seconds["step"] = time.perf_counter() - t_step
         return StepResult(

@@ -1,5 +1,6 @@
 """Round trips through the files a run writes: train -> last.ckpt -> eval, interrupt -> resume,
-LoRA warm-up folder -> RL checkpoint -> eval, keep_query credit, and the warm-up cache key."""
+LoRA warm-up folder -> RL checkpoint -> eval -> export, keep_query credit, and the warm-up
+cache key."""
 
 import json
 from pathlib import Path
@@ -11,9 +12,11 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from ospo.build import build_data, build_reward, load_warm_policy
 from ospo.evaluate import load_checkpoint_policy, run_eval, score_all
+from ospo.export import run_export
 from ospo.module import RLModule
 from ospo.policy import Policy
 from ospo.rl import run_train
@@ -315,6 +318,22 @@ def test_lora_warmup_folder_rl_checkpoint_and_eval(make_cfg, tmp_path, monkeypat
     lp_trained = _logprobs(trained, batch)
     assert torch.equal(_logprobs(loaded, batch), lp_trained)
     assert (lp_trained - lp_sft).abs().max() > 1e-4  # and it is not just the warm-up
+
+    # python -m ospo.export: a merged folder that transformers opens as the trained policy
+    out = tmp_path / "exported"
+    over = TINY + REWRITE + [f"ckpt_path={last}", f"out={out}"]
+    xcfg = make_cfg(over, name="export", run_dir=tmp_path / "export")
+    assert run_export(xcfg) == out
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert not hasattr(model, "peft_config")  # plain weights, adapters merged in
+    assert tokenizer.chat_template == trained.tokenizer.chat_template
+    eos = GenerationConfig.from_pretrained(out).eos_token_id
+    assert sorted(eos if isinstance(eos, list) else [eos]) == trained.eos_token_ids
+    exported = Policy(model, tokenizer)
+    torch.testing.assert_close(_logprobs(exported, batch), lp_trained, atol=1e-5, rtol=0)
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        run_export(xcfg)
 
 
 # ------------------------------------------------------------------ d. keep_query

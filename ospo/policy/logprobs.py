@@ -9,6 +9,7 @@ goes through the backbone once and its KV cache serves its G completions
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING
 
 import torch
@@ -84,8 +85,8 @@ def token_logprobs(
                 input_ids=completion_ids[:, :-1],
                 attention_mask=mask,
                 position_ids=position_ids,
-                cache=cache,
                 use_cache=True,
+                **{cache_keyword(policy): cache},
             ).last_hidden_state  # (N, T - 1, H)
             hidden = torch.cat([first, rest], 1)  # (N, T, H)
     targets = completion_ids.to(dev)  # (N, T)
@@ -117,8 +118,16 @@ def prompt_cache(policy: Policy, p_ids: Tensor, p_mask: Tensor, group_size: int)
     out = policy.backbone(
         input_ids=p_ids, attention_mask=p_mask, position_ids=position_ids, use_cache=True
     )
-    out.cache.batch_repeat_interleave(group_size)  # each layer (N, heads, P, d)
-    return out.cache, out.last_hidden_state
+    cache = getattr(out, "cache", None) or out.past_key_values
+    cache.batch_repeat_interleave(group_size)  # each layer (N, heads, P, d)
+    return cache, out.last_hidden_state
+
+
+def cache_keyword(policy: Policy) -> str:
+    """The keyword that passes a KV cache to the backbone and to `generate`: `cache` from
+    transformers 5.20 on, `past_key_values` before (the vllm extra pins transformers < 5.20)."""
+    params = inspect.signature(policy.backbone.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _unique_prompts(ids: Tensor, mask: Tensor, group_size: int) -> tuple[Tensor, Tensor] | None:

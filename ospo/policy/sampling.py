@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ospo.policy.logprobs import prompt_cache
+from ospo.policy.logprobs import cache_keyword, prompt_cache
 
 if TYPE_CHECKING:
     from ospo.policy import Policy
@@ -70,10 +70,9 @@ def generate(
         raise ValueError(f"temperature={temperature} must be > 0 when sampling")
     G = num_generations
     prompt_ids, prompt_mask = policy.encode_prompts(messages_list)  # (B, P)
-    B, P = prompt_ids.shape
+    P = prompt_ids.shape[1]
     prompt_ids = prompt_ids.repeat_interleave(G, dim=0)  # (N, P), prompt-major
     prompt_mask = prompt_mask.repeat_interleave(G, dim=0)  # (N, P)
-    group = torch.arange(B, device=policy.device).repeat_interleave(G)  # (N,)
     gen_kwargs = dict(
         do_sample=do_sample,
         max_new_tokens=max_new_tokens,
@@ -92,7 +91,7 @@ def generate(
         with torch.inference_mode():
             if G > 1 and P > 1 and not policy._checkpointing():
                 # prefill each request's first P - 1 tokens once, not G times
-                gen_kwargs["cache"], _ = prompt_cache(
+                gen_kwargs[cache_keyword(policy)], _ = prompt_cache(
                     policy, prompt_ids[::G, :-1], prompt_mask[::G, :-1], G
                 )
             out = policy.model.generate(
@@ -101,18 +100,27 @@ def generate(
     finally:
         for module, training in modes:  # restore each module's own mode
             module.training = training
-    completion_ids = out[:, P:].clone()  # (N, T)
-    mask, ended = completion_mask(completion_ids, policy.eos_token_ids)
+    return build_rollouts(policy, prompt_ids.clone(), prompt_mask.clone(), out[:, P:].clone(), G)
+
+
+def build_rollouts(
+    policy: Policy, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, G: int
+) -> Rollouts:
+    """`Rollouts` from sampled ids, whichever engine sampled them: prompt ids and mask (N, P),
+    prompt-major; completion ids (N, T), anything after the first EOS is replaced by the pad
+    id, then texts and token spans are decoded from the ids."""
+    mask, ended = completion_mask(completion_ids, policy.eos_token_ids)  # (N, T), (N,)
     completion_ids[mask == 0] = policy.pad_token_id
     texts, spans = decode_with_spans(policy.tokenizer, completion_ids, mask)
+    B = len(prompt_ids) // G
     return Rollouts(
-        prompt_ids=prompt_ids.clone(),
-        prompt_mask=prompt_mask.clone(),
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
         completion_ids=completion_ids,
         completion_mask=mask,
         texts=texts,
         token_spans=spans,
-        group=group,
+        group=torch.arange(B, device=prompt_ids.device).repeat_interleave(G),  # (N,)
         ended=ended,
     )
 

@@ -7,6 +7,7 @@ holds only the LoRA weights, for a policy built with the same LoRA set-up.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -23,16 +24,16 @@ if TYPE_CHECKING:
 POLICY_MARKER = "ospo_policy.json"  # {"kind": "full" | "lora"}: what a saved folder holds
 
 
-def merged_state_dict(policy: Policy) -> dict[str, Tensor]:
+def merged_state_dict(policy: Policy, lora: bool = True) -> dict[str, Tensor]:
     """State dict of the causal LM with the LoRA deltas added to their base weights, under
-    the plain model's key names (the live model is not modified). Without LoRA: the model's
-    own state dict."""
+    the plain model's key names (the live model is not modified); `lora=False` leaves the
+    deltas out (the frozen base). Without LoRA: the model's own state dict."""
     lm = policy.causal_lm
     if not policy.is_peft:
         return {k: v.detach() for k, v in lm.state_dict().items()}
     deltas = {}
     with torch.no_grad():
-        for name, module in lm.named_modules():
+        for name, module in lm.named_modules() if lora else []:
             if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):
                 adapters = [a for a in module.active_adapters if a in module.lora_A]
                 if adapters:
@@ -49,12 +50,13 @@ def merged_state_dict(policy: Policy) -> dict[str, Tensor]:
     return merged
 
 
-def save(policy: Policy, path: str | os.PathLike, merged: bool = True) -> Path:
+def save(policy: Policy, path: str | os.PathLike, merged: bool = True, lora: bool = True) -> Path:
     """Save the policy atomically (`ospo.io.atomic_dir`).
 
     Default: the full weights, LoRA deltas merged in, as an HF folder (config, safetensors,
     tokenizer) that `load_hf` opens and `load` reads back. `merged=False` on a LoRA policy
-    saves only the adapter (`load` into a policy with the same LoRA config).
+    saves only the adapter (`load` into a policy with the same LoRA config); `lora=False`
+    saves the frozen base without the deltas (what a vLLM engine serving the adapter loads).
     """
     from safetensors.torch import save_file
 
@@ -64,13 +66,18 @@ def save(policy: Policy, path: str | os.PathLike, merged: bool = True) -> Path:
             policy.model.save_pretrained(tmp)
         else:
             lm = policy.causal_lm
-            state = merged_state_dict(policy)
+            state = merged_state_dict(policy, lora=lora)
             if _tied(lm):  # from_pretrained re-ties the output layer to the embeddings
                 state.pop(_output_weight_key(lm), None)
             state = {k: v.contiguous().cpu() for k, v in state.items()}
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             lm.config.save_pretrained(tmp)
-            lm.generation_config.save_pretrained(tmp)
+        if kind == "full":  # a generation config that stops where the policy stops
+            generation = copy.deepcopy(policy.causal_lm.generation_config)
+            eos = policy.eos_token_ids
+            generation.eos_token_id = eos[0] if len(eos) == 1 else list(eos)
+            generation.pad_token_id = policy.pad_token_id
+            generation.save_pretrained(tmp)
         policy.tokenizer.save_pretrained(tmp)
         (tmp / POLICY_MARKER).write_text(json.dumps({"kind": kind}))
     return Path(path)
