@@ -183,8 +183,10 @@ class VLLMRollout(HFRollout):
         else:
             kwargs["kv_cache_memory_bytes"] = int(self.cpu_kv_cache_gib * 2**30)
         self._owns_process_group = not torch.distributed.is_initialized()
-        if not self._owns_process_group:
-            kwargs["distributed_executor_backend"] = "external_launcher"  # one engine per rank
+        if not self._owns_process_group:  # one engine per rank, in the ranks' process group
+            kwargs["distributed_executor_backend"] = "external_launcher"
+            os.environ.setdefault("RANK", str(torch.distributed.get_rank()))
+            os.environ.setdefault("WORLD_SIZE", str(torch.distributed.get_world_size()))
         if self.sync_mode == "adapter":
             r = max(cfg.r for cfg in policy.model.peft_config.values())
             kwargs.update(enable_lora=True, max_lora_rank=r, max_loras=1)

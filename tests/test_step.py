@@ -169,7 +169,9 @@ def test_rl_step_runs_every_part_and_uses_the_sampling_temperature(shop, reward,
     assert len(out.samples) == 4 and out.rewards.shape == (4,)
     assert out.advantages.shape == out.rollouts.completion_mask.shape
     assert len(out.credit.phis) == 4 and "frac_fallback" in out.advantage_stats
-    assert set(out.seconds) == {"step", "generate", "reward", "credit", "advantage", "update"}
+    parts = {"step", "sync", "generate", "reward", "credit", "advantage", "update"}
+    assert set(out.seconds) == parts and out.seconds["sync"] == 0.0  # HF path: nothing to sync
+    assert step.updates == 2  # mu = 2 optimizer steps: what a vLLM engine would catch up with
     # one pi_old pass (mu > 1) and mu = 2 updates, all on the sampling distribution
     assert len(calls) == 3 and all(c["temperature"] == 0.7 for c in calls)
     assert all(c["group_size"] == 2 for c in calls)

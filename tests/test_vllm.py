@@ -5,6 +5,9 @@ SmolLM2-135M-Instruct in float32, as in training; one engine per sync mode for t
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,6 +22,8 @@ from ospo.policy import load_smollm2  # noqa: E402
 from ospo.rl import run_train  # noqa: E402
 from ospo.rollout import HFRollout, VLLMRollout, start_vllm  # noqa: E402
 from ospo.step import Sampling  # noqa: E402
+
+from .conftest import ROOT  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -168,3 +173,40 @@ def test_two_step_vllm_run_and_its_export_in_vllm(make_cfg, tmp_path, requests):
         assert texts == hf.texts
     finally:
         del llm
+
+
+def test_ddp_one_engine_per_rank(tmp_path):
+    """`trainer=ddp trainer.devices=2 rollout=vllm`: two CPU processes, each with its own
+    engine in the ranks' process group (vLLM's external launcher)."""
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    args = [
+        "trainer=ddp",
+        "trainer.devices=2",
+        "rollout=vllm",
+        "rollout.max_model_len=512",
+        "stage=rl",
+        "logger=csv",
+        "data.num_products=600",
+        "rl.steps=2",
+        "rl.prompts_per_step=2",
+        "rl.num_generations=4",
+        "rl.val_every=2",
+        "rl.val_size=2",
+        "rl.log_samples=1",
+        "eval.size=2",
+        "eval.batch_size=2",
+        f"hydra.run.dir={tmp_path}/run",
+        f"cache_dir={tmp_path}/cache",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    assert "MEMBER: 2/2" in out and out.count("external launcher for distributed inference") >= 2
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
