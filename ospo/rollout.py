@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ospo.policy import Policy, Rollouts
-from ospo.policy.sampling import build_rollouts
+from ospo.policy.sampling import build_rollouts, check_sampling
 
 log = logging.getLogger("ospo")
 
@@ -128,7 +128,6 @@ class VLLMRollout(HFRollout):
         self.engine_kwargs = dict(engine_kwargs or {})
         self.llm = None
         self.version: int | None = None
-        self.start_s = 0.0  # seconds the engine took to start
         self._dir: Path | None = None
         self._lora = None  # the LoRARequest of the current adapter (`sync: adapter`)
         self._lora_id = 0
@@ -143,7 +142,6 @@ class VLLMRollout(HFRollout):
         t0 = time.perf_counter()
         if self.llm is None:
             self._start(policy)
-            self.start_s = time.perf_counter() - t0
         elif self.sync_mode == "merged":
             # vLLM's in-place reload: each layer back to checkpoint format, loaded, then
             # processed into kernel format again (the CPU backend repacks linear weights)
@@ -226,13 +224,7 @@ class VLLMRollout(HFRollout):
         """
         from vllm import SamplingParams
 
-        if num_generations < 1 or max_new_tokens < 1:
-            raise ValueError(
-                f"num_generations={num_generations} and max_new_tokens={max_new_tokens} "
-                "must both be >= 1"
-            )
-        if do_sample and temperature <= 0:
-            raise ValueError(f"temperature={temperature} must be > 0 when sampling")
+        check_sampling(num_generations, max_new_tokens, temperature, do_sample)
         if self.llm is None:
             self.sync(policy, version=-1)
         G = num_generations

@@ -61,13 +61,7 @@ def generate(
     top-k, no repetition penalty, whatever the model's generation config says. Generation
     stops at EOS; ids after the first EOS are replaced by the pad id.
     """
-    if num_generations < 1 or max_new_tokens < 1:
-        raise ValueError(
-            f"num_generations={num_generations} and max_new_tokens={max_new_tokens} "
-            "must both be >= 1"
-        )
-    if do_sample and temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0 when sampling")
+    check_sampling(num_generations, max_new_tokens, temperature, do_sample)
     G = num_generations
     prompt_ids, prompt_mask = policy.encode_prompts(messages_list)  # (B, P)
     P = prompt_ids.shape[1]
@@ -101,6 +95,20 @@ def generate(
         for module, training in modes:  # restore each module's own mode
             module.training = training
     return build_rollouts(policy, prompt_ids.clone(), prompt_mask.clone(), out[:, P:].clone(), G)
+
+
+def check_sampling(
+    num_generations: int, max_new_tokens: int, temperature: float, do_sample: bool
+) -> None:
+    """The sampling arguments every rollout engine accepts: at least one completion of at
+    least one token, and a positive temperature when sampling."""
+    if num_generations < 1 or max_new_tokens < 1:
+        raise ValueError(
+            f"num_generations={num_generations} and max_new_tokens={max_new_tokens} "
+            "must both be >= 1"
+        )
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0 when sampling")
 
 
 def build_rollouts(
