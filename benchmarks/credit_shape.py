@@ -19,7 +19,10 @@ credit, and for each one the table reports:
   the mean on intent-word tokens (> 1: the blame goes to the wrong words).
 
 Intent words are the request's latent-intent words (embedded task only). Players are compared
-too: one word per player (default) against whole phrases (`max_phrase_words=null`).
+too: one word per player (default), runs of up to two words (`max_phrase_words=2`), whole
+phrases (`max_phrase_words=null`) and sentences (`segmenter=sentence`); a table gives the
+players per completion of each, and the share of completions with a single player, where every
+weighting gives GRPO's advantages exactly.
 
 Last line: ``credit_cos_to_grpo=<default OSPO config's cosine on these rollouts>``.
 
@@ -54,7 +57,7 @@ from ospo.evaluate import autocast_for  # noqa: E402
 from ospo.format import format_ok  # noqa: E402
 from ospo.retriever import tokenize  # noqa: E402
 from ospo.rollout import HFRollout  # noqa: E402
-from ospo.segmenter import PhraseSegmenter  # noqa: E402
+from ospo.segmenter import PhraseSegmenter, SentenceSegmenter  # noqa: E402
 from ospo.sft import WARMUP_MARKER, warmup_dir  # noqa: E402
 from ospo.step import PromptSchedule, Sampling, compute_credit, score, step_seed  # noqa: E402
 
@@ -130,8 +133,11 @@ def main(argv=None) -> None:
     schedule = PromptSchedule(data.split("train"), cfg.rl.prompts_per_step, args.seed)
     players = {
         "words (default)": segmenter,
+        "word pairs": PhraseSegmenter(max_phrase_words=2),
         "phrases": PhraseSegmenter(max_segments=8, max_phrase_words=None),
+        "sentences": SentenceSegmenter(),
     }
+    counts: dict[str, list[int]] = {pname: [] for pname in players}  # players per completion
     rows: dict[tuple[str, str], list[dict]] = {}
     default_cos = []
     for step in range(args.batches):
@@ -145,6 +151,7 @@ def main(argv=None) -> None:
         mask = ro.completion_mask
         for pname, seg in players.items():
             credit = compute_credit(ro.texts, samples, seg, attribution, reward, True)
+            counts[pname] += list(credit.segments)
             labels = intent_masks(ro.texts, samples, credit.segmentations, ro.token_spans)
             extra = {
                 "token_spans": ro.token_spans,
@@ -174,6 +181,10 @@ def main(argv=None) -> None:
             f"| {pname} | {name} | {mean['cos_to_grpo']:.3f} | {mean['row_mean_err']:.3f} | "
             f"{mean['lift+']:.2f} | {mean['blame-']:.2f} |"
         )
+    print("\n| players | per completion (mean) | completions with one player |")
+    print("|---|---:|---:|")
+    for pname, n in counts.items():
+        print(f"| {pname} | {np.mean(n):.2f} | {np.mean(np.asarray(n) == 1):.0%} |")
     print(f"credit_cos_to_grpo={float(np.mean(default_cos)):.3f}")
 
 
