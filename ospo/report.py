@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m ospo.report multirun/train/<date>_<time> [--out DIR]
+    python -m ospo.report multirun/train/<date>_<time> [--out DIR] [--figure NAME=LABELS]
 
 Reads every ``*/summary.json`` below the folder (one per job, written by
 :func:`ospo.rl.run_train`) and writes, into ``--out`` (default: the sweep folder):
@@ -11,6 +11,8 @@ Reads every ``*/summary.json`` below the folder (one per job, written by
   per method label (mean over seeds) with a shaded 95% t-interval over seeds (on the step
   panel, with a baseline, the sample-efficiency target of (e) as a dashed line), and, with a
   baseline, each label minus the baseline on the same seed against step;
+* ``report-NAME.png`` for each ``--figure NAME=LABEL[,LABEL...]``: the same figure with only
+  those labels and the baseline (a sweep of many variants reads better as a few figures);
 * ``report.md`` (also printed): (a) per label, the number of seeds, final test NDCG@10 /
   recall@10 / MRR as mean +- 95% half-width, validation NDCG@10 start -> end, mean RL wall
   time (``rl_wall_s``: the job that runs a seed's shared warm-up pays for it in ``wall_s``,
@@ -671,20 +673,30 @@ def _efficiency_rows(agg: dict[str, Any]) -> list[str]:
     return lines
 
 
-def plot(agg: dict[str, Any], path: str | Path) -> Path:
+def plot(agg: dict[str, Any], path: str | Path, labels: Sequence[str] | None = None) -> Path:
     """Validation metric against step and against wall time, mean + interval over seeds.
 
     With a baseline (``agg["paired"]``), a third panel shows each label minus the baseline on
     the same seed against step (the pairing removes the spread between seeds' warm-ups), and
     the step panel draws the sample-efficiency target (:func:`sample_efficiency`) dashed.
+    ``labels`` draws only those labels (the baseline is drawn whenever it is there), so that
+    a sweep with many variants can be shown as several readable figures; each label keeps
+    its colour from the full set, so figures of one sweep agree.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paired = agg.get("paired") or {}
-    n_panels = 3 if paired else 2
+    if labels is not None:
+        unknown = [lab for lab in labels if lab not in agg["labels"]]
+        if unknown:
+            raise ValueError(
+                f"figure labels {unknown} not among the sweep's labels {sorted(agg['labels'])}"
+            )
+    shown = set(agg["labels"] if labels is None else [*labels, agg.get("baseline")])
+    paired = {k: v for k, v in (agg.get("paired") or {}).items() if k in shown}
+    n_panels = 3 if agg.get("paired") else 2
     fig, axes = plt.subplots(1, n_panels, figsize=(5.5 * n_panels, 4), constrained_layout=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colour_of = {label: colours[j % len(colours)] for j, label in enumerate(agg["labels"])}
@@ -704,7 +716,8 @@ def plot(agg: dict[str, Any], path: str | Path) -> Path:
     target = (agg.get("efficiency") or {}).get("target", math.nan)
     for ax, (key, xlabel) in zip(axes[:2], panels, strict=True):
         for label, e in agg["labels"].items():
-            draw(ax, e["curves"][key], label, f"{label} (n={e['n']})", key == "step")
+            if label in shown:
+                draw(ax, e["curves"][key], label, f"{label} (n={e['n']})", key == "step")
         if key == "step" and math.isfinite(target):
             ax.axhline(
                 target,
@@ -716,7 +729,7 @@ def plot(agg: dict[str, Any], path: str | Path) -> Path:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"val {agg['metric']}")
         ax.grid(alpha=0.3)
-    if paired:
+    if agg.get("paired"):
         ax = axes[2]
         ax.axhline(0.0, color=colour_of.get(agg["baseline"], "grey"), linewidth=1)
         for label, p in paired.items():
@@ -755,7 +768,20 @@ def main(argv: Sequence[str] | None = None) -> str:
         default=None,
         help="also copy each job's summary.json to KEEP/<label>/seed<seed>/ (e.g. results/compare_shop)",
     )
+    parser.add_argument(
+        "--figure",
+        action="append",
+        default=[],
+        metavar="NAME=LABEL[,LABEL...]",
+        help="also write report-NAME.png with only these labels and the baseline (repeatable)",
+    )
     args = parser.parse_args(argv)
+    figures: dict[str, list[str]] = {}
+    for spec in args.figure:
+        name, _, labels = spec.partition("=")
+        if not name or not labels:
+            parser.error(f"--figure {spec!r}: expected NAME=LABEL[,LABEL...]")
+        figures[name] = [lab for lab in labels.split(",") if lab]
     out = Path(args.out) if args.out else Path(args.folder)
     try:
         runs = load_runs(args.folder, split=args.split)
@@ -771,10 +797,16 @@ def main(argv: Sequence[str] | None = None) -> str:
         parser.error(str(err))
     markdown = render_markdown(agg)
     out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, labels in figures.items():  # first, so that a bad label stops before the rest
+        try:
+            written.append(plot(agg, out / f"report-{name}.png", labels=labels))
+        except ValueError as err:
+            parser.error(f"--figure {name}: {err}")
     (out / "report.md").write_text(markdown)
-    plot(agg, out / "report.png")
+    written = [out / "report.md", plot(agg, out / "report.png"), *written]
     print(markdown, end="")
-    print(f"wrote {out / 'report.md'} and {out / 'report.png'} ({len(runs)} runs)")
+    print(f"wrote {', '.join(str(p) for p in written)} ({len(runs)} runs)")
     return markdown
 
 

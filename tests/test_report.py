@@ -243,6 +243,26 @@ def test_plot_and_cli(sweep, tmp_path, capsys):
     assert (sweep / "report.png").exists() and (sweep / "report.md").exists()
 
 
+def test_figure_of_some_labels(sweep, tmp_path, capsys):
+    agg = aggregate(load_runs(sweep))
+    others = [lab for lab in agg["labels"] if lab != agg["baseline"]]
+    assert others, "the sweep fixture needs a label besides the baseline"
+    full = plot(agg, tmp_path / "full.png")
+    same = plot(agg, tmp_path / "same.png", labels=others)  # the baseline is always drawn
+    alone = plot(agg, tmp_path / "alone.png", labels=[])  # the baseline alone
+    assert same.read_bytes() == full.read_bytes() != alone.read_bytes()
+    assert matplotlib.image.imread(alone).shape == matplotlib.image.imread(full).shape
+    with pytest.raises(ValueError, match=r"\['ppo'\] not among"):
+        plot(agg, tmp_path / "bad.png", labels=["ppo"])
+    main([str(sweep), "--out", str(tmp_path), "--figure", f"main={others[0]}"])
+    assert (tmp_path / "report-main.png").stat().st_size > 1000
+    assert "report-main.png" in capsys.readouterr().out
+    for bad, message in (("main", "expected NAME=LABEL"), ("x=ppo", "--figure x: figure labels")):
+        with pytest.raises(SystemExit):
+            main([str(sweep), "--out", str(tmp_path), "--figure", bad])
+        assert message in capsys.readouterr().err
+
+
 def test_cli_error_names_the_folder(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path)])
