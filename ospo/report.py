@@ -67,7 +67,7 @@ Statistics (numbered as in :func:`aggregate`):
    the target its mean final value, typically only some of its seeds reach it, and late.
 
 Pure functions: :func:`load_runs`, :func:`val_points`, :func:`steps_to_reach`,
-:func:`relative_difference`, :func:`interval_side`, :func:`final_format_ok`,
+:func:`relative_difference`, :func:`interval_side`, :func:`final_format_ok`, :func:`check_labels`,
 :func:`sample_efficiency`, :func:`paired_differences`, :func:`aggregate`,
 :func:`render_markdown`, :func:`plot`.
 """
@@ -89,6 +89,7 @@ from ospo.metrics import mean_ci, t_quantile
 __all__ = [
     "TEST_METRICS",
     "aggregate",
+    "check_labels",
     "final_format_ok",
     "interpolate_curves",
     "interval_side",
@@ -673,6 +674,15 @@ def _efficiency_rows(agg: dict[str, Any]) -> list[str]:
     return lines
 
 
+def check_labels(agg: dict[str, Any], labels: Sequence[str]) -> None:
+    """Raise ValueError naming the labels of ``labels`` that the sweep ``agg`` does not have."""
+    unknown = [lab for lab in labels if lab not in agg["labels"]]
+    if unknown:
+        raise ValueError(
+            f"figure labels {unknown} not among the sweep's labels {sorted(agg['labels'])}"
+        )
+
+
 def plot(agg: dict[str, Any], path: str | Path, labels: Sequence[str] | None = None) -> Path:
     """Validation metric against step and against wall time, mean + interval over seeds.
 
@@ -689,11 +699,7 @@ def plot(agg: dict[str, Any], path: str | Path, labels: Sequence[str] | None = N
     import matplotlib.pyplot as plt
 
     if labels is not None:
-        unknown = [lab for lab in labels if lab not in agg["labels"]]
-        if unknown:
-            raise ValueError(
-                f"figure labels {unknown} not among the sweep's labels {sorted(agg['labels'])}"
-            )
+        check_labels(agg, labels)
     shown = set(agg["labels"] if labels is None else [*labels, agg.get("baseline")])
     paired = {k: v for k, v in (agg.get("paired") or {}).items() if k in shown}
     n_panels = 3 if agg.get("paired") else 2
@@ -795,16 +801,17 @@ def main(argv: Sequence[str] | None = None) -> str:
         agg = aggregate(runs, split=args.split, baseline=baseline)
     except ValueError as err:
         parser.error(str(err))
-    markdown = render_markdown(agg)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, labels in figures.items():  # first, so that a bad label stops before the rest
+    for name, labels in figures.items():  # before anything is written
         try:
-            written.append(plot(agg, out / f"report-{name}.png", labels=labels))
+            check_labels(agg, labels)
         except ValueError as err:
             parser.error(f"--figure {name}: {err}")
+    markdown = render_markdown(agg)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(markdown)
-    written = [out / "report.md", plot(agg, out / "report.png"), *written]
+    written = [out / "report.md", plot(agg, out / "report.png")]
+    for name, labels in figures.items():
+        written.append(plot(agg, out / f"report-{name}.png", labels=labels))
     print(markdown, end="")
     print(f"wrote {', '.join(str(p) for p in written)} ({len(runs)} runs)")
     return markdown
