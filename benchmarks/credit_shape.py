@@ -127,7 +127,7 @@ def main(argv=None) -> None:
     init = warmup_dir(cfg)
     if not (init / WARMUP_MARKER).exists():
         raise FileNotFoundError(f"no warm-up at {init}: run `python train.py stage=sft` first")
-    policy = load_warm_policy(cfg.model, init).eval()
+    policy = load_warm_policy(cfg.model, init, cfg.trainer.precision).eval()
     sampling = Sampling(cfg.rl.max_new_tokens, cfg.rl.temperature, cfg.rl.top_p)
     G = cfg.rl.num_generations
     schedule = PromptSchedule(data.split("train"), cfg.rl.prompts_per_step, args.seed)
@@ -146,7 +146,7 @@ def main(argv=None) -> None:
         with torch.no_grad(), autocast_for(cfg, policy):
             ro = HFRollout()(policy, prompts, G, sampling, step_seed(args.seed, step))
         ok = format_ok(ro.texts, ro.ended, check)
-        r = score(reward, ro.texts, samples, ok, cfg.rl.invalid_reward)  # (N,)
+        r, _ = score(reward, ro.texts, samples, ok, cfg.rl.invalid_reward)  # (N,)
         a = group_advantages(r, G)  # (N,)
         mask = ro.completion_mask
         for pname, seg in players.items():

@@ -6,7 +6,9 @@ Both methods are built from the real Hydra config (`conf/train.yaml`, composed w
 configured policy (SmolLM2-135M-Instruct with LoRA by default, `--model tiny` for a quick run),
 the optimizer and schedule of `rl.optimizer` / `rl.scheduler`.
 
-One training step is `ospo.step.RLStep`, the object `RLModule.training_step` calls:
+One training step is `ospo.step.RLStep`, the object `RLModule.training_step` calls, built by
+`ospo.build.build_step` as `train.py` builds it (format check and gate, rollout engine,
+segmenter and attribution from the config):
 
     rollout (G per prompt) -> score -> [OSPO: segment + exact Owen attribution]
       -> advantages -> update: token log-probs (+ entropy; one prompt pass per request)
@@ -45,18 +47,17 @@ import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 from ospo.build import (  # noqa: E402
-    build_baseline,
-    build_credit,
     build_data,
     build_policy,
     build_reward,
+    build_step,
+    load_warm_policy,
 )
 from ospo.config import compose_config  # noqa: E402  (also registers the resolvers)
 from ospo.evaluate import autocast_for  # noqa: E402
+from ospo.sft import WARMUP_MARKER, warmup_dir  # noqa: E402
 from ospo.step import (  # noqa: E402
     PromptSchedule,
-    RLStep,
-    Sampling,
     clip_grad_norm,
     optimization,
     step_seed,
@@ -82,16 +83,16 @@ def main() -> None:
     data = build_data(cfg_ospo)
     reward = build_reward(cfg_ospo.retriever, cfg_ospo.reward, data.catalog)
     pl.seed_everything(a.seed, workers=True, verbose=False)
-    policy = build_policy(cfg_ospo.model, data)
+    init, precision = warmup_dir(cfg_ospo), cfg_ospo.trainer.precision
+    if (init / WARMUP_MARKER).exists():  # the policy RL starts from, as train.py loads it
+        policy, source = load_warm_policy(cfg_ospo.model, init, precision), f"warm-up {init}"
+    else:
+        policy, source = build_policy(cfg_ospo.model, data, precision), "base model (no warm-up)"
     policy.train()
-    sampling = Sampling(rl.max_new_tokens, rl.temperature, rl.top_p)
     steps = {}
-    for cfg in (cfg_grpo, cfg_ospo):
-        baseline = build_baseline(cfg)
-        segmenter, attribution = build_credit(cfg, baseline)
-        steps[baseline.name] = RLStep(
-            policy, reward, baseline, sampling, rl.num_generations, segmenter, attribution
-        )
+    for cfg in (cfg_grpo, cfg_ospo):  # the step train.py builds: format gate, engine, credit
+        step = build_step(cfg, policy, reward)
+        steps[step.baseline.name] = step
     params = policy.trainable_parameters()
     optim = optimization(policy, instantiate(rl.optimizer), instantiate(rl.scheduler))
     opt, sched = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
@@ -99,6 +100,7 @@ def main() -> None:
     autocast = autocast_for(cfg_ospo, policy)
     schedule = PromptSchedule(data.splits["train"], rl.prompts_per_step, a.seed)
     print(
+        f"policy: {source}; retriever={cfg_ospo.retriever._target_.rsplit('.', 1)[-1]}\n"
         f"model={a.model} precision={cfg_ospo.trainer.precision} threads={torch.get_num_threads()}"
         f" B={rl.prompts_per_step} G={rl.num_generations} max_new_tokens={rl.max_new_tokens}"
         f" trainable={sum(p.numel() for p in params):,}"

@@ -14,10 +14,11 @@ function of the completions and each row's `qid`). Same work per step on both si
 * the same requests in the same order (TRL: `shuffle_dataset=False`); TRL with no logging,
   evaluation, saving, gradient checkpointing or progress bar.
 
-Our step is `ospo.step.RLStep`, the object `RLModule.training_step` calls, built from the config
-(`baseline=grpo`, `rl.*` set to the settings above; the LR schedule is made constant with
-`rl.warmup_steps=0 rl.min_lr_ratio=1`): `Policy.generate(..., num_generations=G)`,
-`Reward.score_texts`, `ospo.advantage.GRPO`, `Policy.token_logprobs(..., with_entropy=True,
+Our step is `ospo.step.RLStep`, the object `RLModule.training_step` calls, built by
+`ospo.build.build_step` as `train.py` builds it (`baseline=grpo`, `rl.*` set to the settings
+above, `rl.invalid_reward=null` since TRL's reward has no format gate; the LR schedule is made
+constant with `rl.warmup_steps=0 rl.min_lr_ratio=1`): `Policy.generate(..., num_generations=G)`,
+`Reward.evaluate`, the format check, `ospo.advantage.GRPO`, `Policy.token_logprobs(..., with_entropy=True,
 group_size=G)`, `ospo.loss.PolicyLoss`, backward, clip, AdamW. Its stage times are the ones
 `RLStep` records. Where it does the same work differently from TRL's:
 
@@ -61,12 +62,10 @@ from datasets import Dataset  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
-from ospo.build import build_baseline, build_data, build_policy, build_reward  # noqa: E402
+from ospo.build import build_data, build_policy, build_reward, build_step  # noqa: E402
 from ospo.config import compose_config  # noqa: E402  (also registers the resolvers)
 from ospo.policy import Policy  # noqa: E402
 from ospo.step import (  # noqa: E402
-    RLStep,
-    Sampling,
     backward,
     clip_grad_norm,
     optimization,
@@ -112,8 +111,7 @@ class Ours:
         self.clip = tm.wrap("clip", clip_grad_norm(cfg.rl.grad_clip))
         self.backward = tm.wrap("backward", backward)
         policy.token_logprobs = tm.wrap("forward+loss", policy.token_logprobs)
-        sampling = Sampling(cfg.rl.max_new_tokens, cfg.rl.temperature, cfg.rl.top_p)
-        self.step_fn = RLStep(policy, reward, build_baseline(cfg), sampling, cfg.rl.num_generations)
+        self.step_fn = build_step(cfg, policy, reward)  # the step train.py builds
         generate = policy.model.generate
 
         def forced(*args, **kwargs):  # exactly NEW_TOKENS tokens, as TRL's min_new_tokens
@@ -271,6 +269,8 @@ def main() -> None:
             "rl.warmup_steps=0",
             "rl.min_lr_ratio=1.0",  # a constant learning rate, as TRL's "constant"
             f"rl.grad_clip={GRAD_CLIP}",
+            "rl.invalid_reward=null",  # TRL's reward has no format gate (EOS never fires here)
+            "rollout=hf",
         ]
     )
     data = build_data(cfg)

@@ -7,11 +7,13 @@ lightning-hydra-template; nothing here looks at which option a group chose.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -19,6 +21,7 @@ from ospo.baseline import Baseline
 from ospo.data import Dataset
 from ospo.interfaces import Attribution, Reward, Segmenter
 from ospo.policy import Policy, load_hf
+from ospo.step import RLStep, Sampling
 
 log = logging.getLogger("ospo")
 
@@ -56,19 +59,39 @@ def tokenizer_texts(data: Dataset) -> list[str]:
     return texts
 
 
-def build_policy(model_cfg: DictConfig, data: Dataset) -> Policy:
-    """The policy before any training: the `model` option."""
-    return instantiate(model_cfg, texts=tokenizer_texts(data))
+def autocast_dtype(precision: str | None) -> torch.dtype | None:
+    """The dtype autocast runs linear layers in under a trainer precision: bf16 for
+    `bf16-mixed`, else None (full precision, or weights already in their training dtype)."""
+    return torch.bfloat16 if str(precision) == "bf16-mixed" else None
 
 
-def load_warm_policy(model_cfg: DictConfig, path: str | Path) -> Policy:
-    """A warm-up folder (merged weights) with fresh LoRA adapters if `model.lora` is set."""
-    return load_hf(
+def _for_precision(policy: Policy, precision: str | None) -> Policy:
+    """Frozen linear weights stored in the autocast dtype (`Policy.store_frozen`): the same
+    outputs, without casting them again at every forward."""
+    dtype = autocast_dtype(precision)
+    if dtype is not None:
+        policy.store_frozen(dtype)
+    return policy
+
+
+def build_policy(model_cfg: DictConfig, data: Dataset, precision: str | None = None) -> Policy:
+    """The policy before any training: the `model` option, ready for the trainer's
+    `precision`."""
+    return _for_precision(instantiate(model_cfg, texts=tokenizer_texts(data)), precision)
+
+
+def load_warm_policy(
+    model_cfg: DictConfig, path: str | Path, precision: str | None = None
+) -> Policy:
+    """A warm-up folder (merged weights) with fresh LoRA adapters if `model.lora` is set,
+    ready for the trainer's `precision`."""
+    policy = load_hf(
         str(path),
         dtype=model_cfg.get("dtype", "float32"),
         lora=OmegaConf.to_container(model_cfg.lora) if model_cfg.get("lora") else None,
         gradient_checkpointing=bool(model_cfg.get("gradient_checkpointing", False)),
     )
+    return _for_precision(policy, precision)
 
 
 def build_baseline(cfg: DictConfig) -> Baseline:
@@ -85,6 +108,35 @@ def build_credit(cfg: DictConfig, baseline: Baseline) -> tuple[Segmenter, Attrib
     if baseline.needs_credit and segmenter.max_segments is not None:
         attribution.validate_budget(segmenter.max_segments)
     return segmenter, attribution
+
+
+def build_step(cfg: DictConfig, policy: Policy, reward: Reward) -> RLStep:
+    """The RL step that trains, from the config: the method (`baseline`), its sampling
+    (`rl.max_new_tokens`, `rl.temperature`, `rl.top_p`, G = `rl.num_generations`), segmenter
+    and attribution, a frozen reference copy of `policy` when the loss has a KL term, the
+    format check and its gate (`rl.invalid_reward`) and the rollout engine (`rollout`).
+
+    `ospo.rl.run_train` and every benchmark build their step here, so a benchmark times the
+    step that trains."""
+    baseline = build_baseline(cfg)
+    segmenter, attribution = build_credit(cfg, baseline)
+    ref = None
+    if baseline.loss.needs_reference:  # a frozen copy of the starting policy
+        ref = copy.deepcopy(policy).requires_grad_(False)
+    rl = cfg.rl
+    return RLStep(
+        policy,
+        reward,
+        baseline,
+        Sampling(rl.max_new_tokens, rl.temperature, rl.top_p),
+        rl.num_generations,
+        segmenter=segmenter,
+        attribution=attribution,
+        ref_policy=ref,
+        format_check=instantiate(cfg.format),
+        invalid_reward=rl.invalid_reward,
+        engine=instantiate(cfg.rollout),
+    )
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, single: bool = False, **kw) -> pl.Trainer:

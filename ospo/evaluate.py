@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from ospo.build import build_data, build_policy, build_reward, load_warm_policy
+from ospo.build import autocast_dtype, build_data, build_policy, build_reward, load_warm_policy
 from ospo.data import Dataset, Sample
-from ospo.format import FormatCheck, format_ok_rate
+from ospo.format import FormatCheck, format_ok
 from ospo.interfaces import Reward
 from ospo.io import write_json, write_jsonl, write_text
 from ospo.policy import Policy
@@ -32,8 +33,107 @@ log = logging.getLogger("ospo")
 
 def autocast_for(cfg: DictConfig, policy: Policy):
     """The trainer's mixed precision, for generation outside the Lightning loop."""
-    bf16 = str(cfg.trainer.get("precision", "32")).startswith("bf16")
-    return torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=bf16)
+    return autocast(cfg.trainer.get("precision", "32"), policy.device.type)
+
+
+def autocast(precision: str, device_type: str = "cpu"):
+    """bf16 autocast when the trainer's precision is bf16-mixed, else a no-op context."""
+    dtype = autocast_dtype(precision)
+    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+@dataclass
+class Evaluation:
+    """One greedy completion per request and its scores."""
+
+    texts: list[str]
+    ended: list[bool]  # the completion stopped at EOS
+    rows: dict[str, np.ndarray]  # ndcg@10, recall@10, mrr, format_ok of each request, (n,) each
+
+    def means(self) -> dict[str, float]:
+        return {k: float(np.mean(v)) if len(v) else 0.0 for k, v in self.rows.items()}
+
+
+class GreedyEvaluator:
+    """The one evaluation path: greedy completions of requests, batched, under the trainer's
+    autocast, scored by a reward's retriever (NDCG@10, Recall@10, MRR) and the format check.
+
+    It serves RL validation (`RLModule.validation_step`, one loader batch at a time), the
+    warm-up check (`ospo.sft.check_warmup`), the final test scores (`ospo.rl.final_scores`,
+    with every held-out retriever) and `python eval.py`. Sampling arguments (`do_sample`,
+    `temperature`) are for eval.py's sampled expansions; greedy when absent.
+    """
+
+    def __init__(
+        self,
+        reward: Reward,
+        format_check: FormatCheck,
+        max_new_tokens: int,
+        batch_size: int = 32,
+        precision: str = "32-true",
+    ):
+        self.reward, self.format_check = reward, format_check
+        self.max_new_tokens, self.batch_size, self.precision = max_new_tokens, batch_size, precision
+
+    def expand(
+        self, policy: Policy, samples: Sequence[Sample], desc: str = "generate", **sampling: Any
+    ) -> tuple[list[str], list[bool]]:
+        """One completion per request, in batches of `batch_size`: texts and EOS flags."""
+        with autocast(self.precision, policy.device.type):
+            return generate_all(
+                policy, samples, self.batch_size, self.max_new_tokens, desc=desc, **sampling
+            )
+
+    def score(
+        self,
+        texts: Sequence[str],
+        ended: Sequence[bool],
+        samples: Sequence[Sample],
+        reward: Reward | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Per-request ranking metrics under `reward` (default: the training reward) and
+        format_ok (1.0 / 0.0), each (n,)."""
+        rows = (reward or self.reward).metrics(texts, samples)
+        rows["format_ok"] = np.asarray(format_ok(texts, ended, self.format_check), dtype=float)
+        return rows
+
+    def __call__(
+        self, policy: Policy, samples: Sequence[Sample], desc: str = "generate", **sampling: Any
+    ) -> Evaluation:
+        texts, ended = self.expand(policy, samples, desc, **sampling)
+        return Evaluation(texts, ended, self.score(texts, ended, samples))
+
+    def with_retrievers(
+        self, evaluation: Evaluation, samples: Sequence[Sample], rewards: dict[str, Reward]
+    ) -> dict[str, dict[str, float]]:
+        """Mean scores of the same completions under each named reward (held-out retrievers)."""
+        return {
+            name: Evaluation(
+                evaluation.texts,
+                evaluation.ended,
+                self.score(evaluation.texts, evaluation.ended, samples, reward),
+            ).means()
+            for name, reward in rewards.items()
+        }
+
+
+def build_evaluator(cfg: DictConfig, reward: Reward, format_check: FormatCheck) -> GreedyEvaluator:
+    """The evaluator of a run: `rl.max_new_tokens`, `eval.batch_size`, the trainer's precision."""
+    return GreedyEvaluator(
+        reward,
+        format_check,
+        cfg.rl.max_new_tokens,
+        cfg.eval.batch_size,
+        str(cfg.trainer.get("precision", "32")),
+    )
+
+
+def held_out_rewards(cfg: DictConfig, data: Dataset) -> dict[str, Reward]:
+    """A reward (the config's metric) for each held-out retriever of `eval.retrievers`."""
+    return {
+        name: build_reward(rcfg, cfg.reward, data.catalog)
+        for name, rcfg in cfg.eval.retrievers.items()
+    }
 
 
 @torch.no_grad()
@@ -62,20 +162,6 @@ def generate_all(
     return texts, ended
 
 
-def score_all(
-    texts: Sequence[str],
-    samples: Sequence[Sample],
-    reward: Reward,
-    format_check: FormatCheck,
-    ended: Sequence[bool],
-) -> dict[str, float]:
-    """Mean ranking metrics and format_ok rate of one completion per request."""
-    metrics = reward.metrics(texts, samples)
-    out = {k: float(np.mean(v)) for k, v in metrics.items()}
-    out["format_ok"] = format_ok_rate(texts, ended, format_check)
-    return out
-
-
 def validation_requests(cfg: DictConfig, data: Dataset) -> list[Sample]:
     """The first ``rl.val_size`` validation requests (all when 0): the warm-up check and the
     RL validation score the same ones."""
@@ -83,43 +169,10 @@ def validation_requests(cfg: DictConfig, data: Dataset) -> list[Sample]:
     return val[: cfg.rl.val_size] if cfg.rl.val_size else val
 
 
-def expand(
-    cfg: DictConfig, policy: Policy, samples: Sequence[Sample], desc: str, **sampling: Any
-) -> tuple[list[str], list[bool]]:
-    """One expansion of each request, in batches of ``eval.batch_size`` under the trainer's
-    autocast; ``sampling`` (do_sample, temperature) goes to :func:`generate_all` (greedy when
-    empty)."""
-    with autocast_for(cfg, policy):
-        return generate_all(
-            policy, samples, cfg.eval.batch_size, cfg.rl.max_new_tokens, desc=desc, **sampling
-        )
-
-
-def expand_split(
-    cfg: DictConfig, policy: Policy, data: Dataset, desc: str, **sampling: Any
-) -> tuple[list[Sample], list[str], list[bool]]:
-    """The first ``eval.size`` requests of ``eval.split`` and one :func:`expand` of each."""
+def test_requests(cfg: DictConfig, data: Dataset) -> list[Sample]:
+    """The first ``eval.size`` requests of ``eval.split`` (all when null)."""
     samples = data.splits[cfg.eval.split]
-    samples = samples[: cfg.eval.size] if cfg.eval.size else samples
-    return samples, *expand(cfg, policy, samples, desc, **sampling)
-
-
-def score_with_retrievers(
-    retrievers: DictConfig,
-    reward_cfg: DictConfig,
-    data: Dataset,
-    texts: Sequence[str],
-    samples: Sequence[Sample],
-    ended: Sequence[bool],
-    format_check: FormatCheck,
-) -> dict[str, dict[str, float]]:
-    """:func:`score_all` under each retriever config of ``retrievers`` (name -> config)."""
-    return {
-        name: score_all(
-            texts, samples, build_reward(rcfg, reward_cfg, data.catalog), format_check, ended
-        )
-        for name, rcfg in retrievers.items()
-    }
+    return samples[: cfg.eval.size] if cfg.eval.size else samples
 
 
 def load_checkpoint_policy(cfg: DictConfig, ckpt_path: str | Path, data: Dataset) -> Policy:
@@ -130,10 +183,11 @@ def load_checkpoint_policy(cfg: DictConfig, ckpt_path: str | Path, data: Dataset
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     init = ckpt.get("ospo", {}).get("init", {})
     model_cfg = OmegaConf.create(init.get("model") or OmegaConf.to_container(cfg.model))
+    precision = cfg.trainer.get("precision")
     if init.get("dir"):
-        policy = load_warm_policy(model_cfg, Path(init["dir"]))
+        policy = load_warm_policy(model_cfg, Path(init["dir"]), precision)
     else:
-        policy = build_policy(model_cfg, data)
+        policy = build_policy(model_cfg, data, precision)
     state = {
         k.removeprefix("policy."): v
         for k, v in ckpt["state_dict"].items()
@@ -164,23 +218,23 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         policy = load_checkpoint_policy(cfg, cfg.ckpt_path, data)
     else:
         log.info("no ckpt_path: evaluating the untrained (zero-shot) policy")
-        policy = build_policy(cfg.model, data)
+        policy = build_policy(cfg.model, data, cfg.trainer.get("precision"))
     policy.eval()
-    samples, texts, ended = expand_split(
-        cfg,
+    samples = test_requests(cfg, data)
+    evaluator = build_evaluator(cfg, None, instantiate(cfg.format))
+    texts, ended = evaluator.expand(
         policy,
-        data,
+        samples,
         desc=f"{cfg.eval.split} expansions",
         do_sample=cfg.eval.do_sample,
         temperature=cfg.eval.temperature,
     )
-    format_check = instantiate(cfg.format)
     results: dict[str, Any] = {
         "ckpt_path": cfg.ckpt_path,
         "split": cfg.eval.split,
         "n": len(samples),
-        "retrievers": score_with_retrievers(
-            cfg.eval.retrievers, cfg.reward, data, texts, samples, ended, format_check
+        "retrievers": evaluator.with_retrievers(
+            Evaluation(texts, ended, {}), samples, held_out_rewards(cfg, data)
         ),
     }
     write_json(run_dir / "results.json", results)

@@ -3,7 +3,8 @@
 It holds no formula: the step's parts live in `ospo.step` (and the maths they call in
 `ospo.advantage`, `ospo.loss`, `ospo.attribution`, `ospo.reward`); this class feeds the step its
 prompts, seed, optimizer and schedule, logs what it returns (TRL's metric names), scores
-greedy expansions at validation, and keeps the run's state in the checkpoint.
+greedy expansions at validation with the run's `ospo.evaluate.GreedyEvaluator`, and keeps the
+run's state in the checkpoint.
 """
 
 from __future__ import annotations
@@ -12,17 +13,15 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
 from torch.utils.data import DataLoader, Dataset
 
-from ospo.advantage import frac_zero_std
 from ospo.credit_html import credit_table_html
 from ospo.data import Sample
-from ospo.format import FormatCheck, format_ok
 from ospo.io import write_text
 from ospo.step import (
     PromptSchedule,
@@ -32,6 +31,9 @@ from ospo.step import (
     optimization,
     step_seed,
 )
+
+if TYPE_CHECKING:  # built by ospo.evaluate (a layer above), passed in by ospo.rl
+    from ospo.evaluate import GreedyEvaluator
 
 
 class _Steps(Dataset):
@@ -67,7 +69,7 @@ class RLModule(pl.LightningModule):
         self,
         step: RLStep,
         train_samples: Sequence[Sample],
-        format_check: FormatCheck,
+        evaluator: GreedyEvaluator,
         optimizer: Callable,
         scheduler: Callable,
         prompts_per_step: int,
@@ -82,7 +84,7 @@ class RLModule(pl.LightningModule):
         self.policy = step.policy  # registered here: checkpoints hold `policy.*` weights
         self.ref_policy = step.ref_policy
         self.train_samples = list(train_samples)
-        self.format_check = format_check
+        self.evaluator = evaluator
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.prompts_per_step, self.grad_clip = prompts_per_step, grad_clip
         self.log_samples, self.seed = log_samples, seed
@@ -142,14 +144,14 @@ class RLModule(pl.LightningModule):
         )
 
     def _step_log(self, out: StepResult) -> dict[str, float]:
-        """The step's metrics under TRL's names (train/, time/, credit/, advantage/)."""
-        ro, rewards, s = out.rollouts, out.rewards, out.seconds
+        """The step's metrics under TRL's names (train/, time/, credit/, advantage/), all read
+        from what the step returned."""
+        ro, s, stats = out.rollouts, out.seconds, out.advantage_stats
         step_s = max(s["step"], 1e-9)
-        metrics = self.rl_step.reward.metrics(ro.texts, out.samples)
         log = {
-            "train/reward_mean": float(np.mean(rewards)),
-            "train/reward_std": float(np.std(rewards)),
-            "train/frac_reward_zero_std": frac_zero_std(rewards, self.rl_step.num_generations),
+            "train/reward_mean": stats["reward_mean"],
+            "train/reward_std": stats["reward_std"],
+            "train/frac_reward_zero_std": stats["frac_reward_zero_std"],
             "train/loss": float(out.loss.detach()),
             "train/completion_length": float(ro.completion_mask.sum(1).float().mean()),
             "train/format_ok": float(np.mean(out.well_formed)),
@@ -157,21 +159,23 @@ class RLModule(pl.LightningModule):
             "time/step_s": s["step"],
             "time/generate_s": s["generate"],
             "time/sync_s": s["sync"],
+            "time/reward_s": s["reward"],
+            "time/credit_s": s["credit"],
             "time/update_s": s["update"],
             "time/attribution_share": s["credit"] / step_s,
             "credit/coalitions": float(out.credit.coalitions),
             "credit/segments_per_completion": float(np.mean(out.credit.segments))
             if out.credit.segments
             else 0.0,
-            "credit/cos_to_grpo": float(out.advantage_stats["cos_to_grpo"]),
+            "credit/cos_to_grpo": float(stats["cos_to_grpo"]),
         }
         self.cos_to_grpo.append(log["credit/cos_to_grpo"])
-        log.update({f"train/{k}": float(np.mean(v)) for k, v in metrics.items()})
+        log.update({f"train/{k}": float(np.mean(v)) for k, v in out.metrics.items()})
         log.update({f"train/{k}": v for k, v in out.loss_metrics.items()})
         log.update(
             {
                 f"advantage/{k}": float(v)
-                for k, v in out.advantage_stats.items()
+                for k, v in stats.items()
                 if k not in ("frac_reward_zero_std", "reward_mean", "reward_std", "cos_to_grpo")
             }
         )
@@ -182,18 +186,10 @@ class RLModule(pl.LightningModule):
         self._val_outputs = []
 
     def validation_step(self, batch: list[Sample], batch_idx: int):
-        ro = self.policy.generate(
-            [s.messages for s in batch],
-            num_generations=1,
-            max_new_tokens=self.rl_step.sampling.max_new_tokens,
-            do_sample=False,
-        )
-        metrics = self.rl_step.reward.metrics(ro.texts, batch)
-        ok = format_ok(ro.texts, ro.ended, self.format_check)
+        ev = self.evaluator(self.policy, batch, desc="validation")
         for i, s in enumerate(batch):
-            row = {k: float(v[i]) for k, v in metrics.items()}
-            row["format_ok"] = float(ok[i])
-            self._val_outputs.append({"sample": s, "text": ro.texts[i], "metrics": row})
+            row = {k: float(v[i]) for k, v in ev.rows.items()}
+            self._val_outputs.append({"sample": s, "text": ev.texts[i], "metrics": row})
 
     def on_validation_epoch_end(self) -> None:
         rows = self._val_outputs

@@ -31,14 +31,18 @@ Classes (each has ``doc_ids``, ``additive``, ``index(catalog)``, ``score(texts)`
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 import re
 import unicodedata
 from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
+
+from ospo.io import write_npy
 
 STOP_WORDS: frozenset[str] = frozenset(
     """a an the and or but if of for to in on at by from with into onto as is are was were be
@@ -491,8 +495,10 @@ class Dense(_Retriever):
         normalize: bool = True,
         max_cache: int = 200_000,
         device: str = "cpu",
+        index_cache: str | None = None,
     ) -> None:
         super().__init__()
+        self.index_cache = index_cache
         self.model_path = model_path
         self.batch_size = batch_size
         self.normalize = normalize
@@ -541,11 +547,30 @@ class Dense(_Retriever):
         return np.stack([fresh[t] if t in fresh else self._cache[t] for t in texts])
 
     def index(self, catalog: Mapping[str, str]) -> None:
-        """Embed every product text once."""
+        """Embed every product text once; with `index_cache` (a folder) the embeddings are
+        kept on disk, keyed by the encoder, its settings and the catalog's texts, so the jobs
+        of a sweep encode a catalog once (the file holds exactly what encoding returned)."""
         ids, texts = _check_catalog(catalog)
         self.doc_ids = ids
-        self._doc_emb = self._embed(texts)  # (D, E)
+        path = self._index_file(texts)
+        if path is not None and path.exists():
+            self._doc_emb = np.load(path)  # (D, E)
+        else:
+            self._doc_emb = self._embed(texts)  # (D, E)
+            if path is not None:
+                write_npy(path, self._doc_emb)
         self._indexed = True
+
+    def _index_file(self, texts: list[str]) -> Path | None:
+        """`index_cache/<hash>.npy` for these texts and encoder settings (None: no cache)."""
+        if not self.index_cache:
+            return None
+        h = hashlib.sha1()
+        h.update(f"{self.model_path}|{self.normalize}|{len(texts)}".encode())
+        for text in texts:
+            h.update(text.encode())
+            h.update(b"\0")
+        return Path(self.index_cache) / f"dense_{h.hexdigest()[:16]}.npy"
 
     def clear_cache(self) -> None:
         """Drop the cached query embeddings."""

@@ -223,12 +223,39 @@ class Reward:
             return out
         scores = self.retriever.score([texts[i] for i in todo])  # (M, D)
         for row, i in enumerate(todo):
-            judged = self.judgements(samples[i])
-            out[i] = self._main(self._restrict(scores[row : row + 1], judged), judged)[0]
-            key = self._key(samples[i])
-            if key is not None:
-                self._remember((key, texts[i]), float(out[i]))
+            out[i] = self._value(scores[row : row + 1], samples[i], texts[i])
         return out
+
+    def _value(self, scores: np.ndarray, sample: Any, text: str) -> float:
+        """Main metric of one score row (1, D) for its sample, remembered by (qid, text)."""
+        judged = self.judgements(sample)
+        value = float(self._main(self._restrict(scores, judged), judged)[0])
+        key = self._key(sample)
+        if key is not None:
+            self._remember((key, text), value)
+        return value
+
+    def evaluate(
+        self, texts: Sequence[str], samples: Sequence[Any], k: int = 10
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Reward (N,) and :meth:`metrics` of each completion from ONE retrieval of its query.
+
+        The training step's reward and its logged NDCG@k / Recall@k / MRR come from the same
+        score rows; the rewards fill the coalition memo as :meth:`score_texts` does.
+        """
+        texts = list(texts)
+        if len(texts) != len(samples):
+            raise ValueError(f"got {len(texts)} texts for {len(samples)} samples; need one each")
+        queries = [query_text(s, t) for t, s in zip(texts, samples, strict=True)]
+        scores = self.retriever.score(queries) if queries else None  # (N, D)
+        rewards = np.zeros(len(queries), dtype=np.float64)  # (N,)
+        for i, (query, sample) in enumerate(zip(queries, samples, strict=True)):
+            key = self._key(sample)
+            if key is not None and (key, query) in self._memo:
+                rewards[i] = self._memo[(key, query)]
+            else:
+                rewards[i] = self._value(scores[i : i + 1], sample, query)
+        return rewards, self._metrics_from_scores(scores, samples, k)
 
     def metrics(
         self, texts: Sequence[str], samples: Sequence[Any], k: int = 10
@@ -239,10 +266,14 @@ class Reward:
         if len(texts) != len(samples):
             raise ValueError(f"got {len(texts)} texts for {len(samples)} samples; need one each")
         texts = [query_text(s, t) for t, s in zip(texts, samples, strict=True)]
-        out = {name: np.zeros(len(texts)) for name in (f"ndcg@{k}", f"recall@{k}", "mrr")}
-        if not texts:
-            return out
-        scores = self.retriever.score(texts)  # (N, D)
+        scores = self.retriever.score(texts) if texts else None  # (N, D)
+        return self._metrics_from_scores(scores, samples, k)
+
+    def _metrics_from_scores(
+        self, scores: np.ndarray | None, samples: Sequence[Any], k: int
+    ) -> dict[str, np.ndarray]:
+        """NDCG@k, Recall@k and MRR of each score row (N, D) for its sample.  # each (N,)"""
+        out = {name: np.zeros(len(samples)) for name in (f"ndcg@{k}", f"recall@{k}", "mrr")}
         for i, sample in enumerate(samples):
             judged = self.judgements(sample)
             row = self._restrict(scores[i : i + 1], judged)  # (1, P)

@@ -7,7 +7,6 @@ validate config -> data, reward, method (fails fast) -> warm-up (cached) -> poli
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 import warnings
@@ -28,15 +27,21 @@ from ospo.build import (
     build_loggers,
     build_policy,
     build_reward,
+    build_step,
     build_trainer,
     load_warm_policy,
 )
 from ospo.config import validate
-from ospo.evaluate import expand_split, score_all, score_with_retrievers, validation_requests
+from ospo.evaluate import (
+    GreedyEvaluator,
+    build_evaluator,
+    held_out_rewards,
+    test_requests,
+    validation_requests,
+)
 from ospo.io import write_json
 from ospo.module import RLModule, sample_loader, step_loader
 from ospo.sft import WARMUP_MARKER, run_sft, warmup_dir
-from ospo.step import RLStep, Sampling
 
 log = logging.getLogger("ospo")
 
@@ -70,47 +75,33 @@ def run_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     data = build_data(cfg)
     reward = build_reward(cfg.retriever, cfg.reward, data.catalog)
     format_check = instantiate(cfg.format)
-    baseline = build_baseline(cfg)
-    segmenter, attribution = build_credit(cfg, baseline)
+    evaluator = build_evaluator(cfg, reward, format_check)
+    build_credit(cfg, build_baseline(cfg))  # an unaffordable exact attribution fails here
 
     init = warmup_dir(cfg)
     if cfg.stage in ("all", "sft") and not (init / WARMUP_MARKER).exists():
         if cfg.sft.init:
             raise FileNotFoundError(f"sft.init={cfg.sft.init}: no warm-up checkpoint there")
-        init = run_sft(cfg, data, reward, format_check, run_dir)
+        init = run_sft(cfg, data, evaluator, run_dir)
     elif cfg.stage != "rl":
         log.info("warm-up found in cache: %s", init)
     if cfg.stage == "sft":
         return {"warmup_dir": str(init)}
 
     pl.seed_everything(cfg.seed, workers=True)
+    precision = cfg.trainer.get("precision")
     if (init / WARMUP_MARKER).exists():
-        policy, init_info = load_warm_policy(cfg.model, init), {"dir": str(init)}
+        policy, init_info = load_warm_policy(cfg.model, init, precision), {"dir": str(init)}
     else:
         log.warning("no warm-up checkpoint at %s: RL starts from the base model", init)
-        policy, init_info = build_policy(cfg.model, data), {"dir": None}
+        policy, init_info = build_policy(cfg.model, data, precision), {"dir": None}
     init_info["model"] = OmegaConf.to_container(cfg.model, resolve=True)
-    ref = None
-    if baseline.loss.needs_reference:  # a frozen copy of the starting policy
-        ref = copy.deepcopy(policy).requires_grad_(False)
-
-    step = RLStep(
-        policy,
-        reward,
-        baseline,
-        Sampling(cfg.rl.max_new_tokens, cfg.rl.temperature, cfg.rl.top_p),
-        cfg.rl.num_generations,
-        segmenter=segmenter,
-        attribution=attribution,
-        ref_policy=ref,
-        format_check=format_check,
-        invalid_reward=cfg.rl.invalid_reward,
-        engine=instantiate(cfg.rollout),
-    )
+    step = build_step(cfg, policy, reward)
+    baseline = step.baseline
     module = RLModule(
         step,
         data.splits["train"],
-        format_check,
+        evaluator,
         optimizer=instantiate(cfg.rl.optimizer),
         scheduler=instantiate(cfg.rl.scheduler),
         prompts_per_step=cfg.rl.prompts_per_step,
@@ -153,7 +144,7 @@ def run_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "seed": cfg.seed,
         }
         if trainer.is_global_zero:
-            summary.update(final_scores(cfg, module, data, reward, format_check))
+            summary.update(final_scores(cfg, module, data, evaluator))
             summary.update(
                 {
                     "wall_s": time.perf_counter() - t_start,
@@ -178,18 +169,17 @@ def run_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 logger.experiment.finish()
 
 
-def final_scores(cfg: DictConfig, module: RLModule, data, reward, format_check) -> dict[str, Any]:
+def final_scores(
+    cfg: DictConfig, module: RLModule, data, evaluator: GreedyEvaluator
+) -> dict[str, Any]:
     """Validation history and greedy test-split scores: with the training retriever (`train`)
     and each held-out one of `eval.retrievers`."""
     k = 10  # the headline metric, NDCG@10, whatever the reward's own cut-off
     split = cfg.eval.split
-    test, texts, ended = expand_split(cfg, module.policy, data, desc=f"{split} scores")
-    scores = {"train": score_all(texts, test, reward, format_check, ended)}
-    scores.update(
-        score_with_retrievers(
-            cfg.eval.retrievers, cfg.reward, data, texts, test, ended, format_check
-        )
-    )
+    test = test_requests(cfg, data)
+    ev = evaluator(module.policy, test, desc=f"{split} scores")
+    scores = {"train": ev.means()}
+    scores.update(evaluator.with_retrievers(ev, test, held_out_rewards(cfg, data)))
     hist = module.val_history
     return {
         f"val_ndcg@{k}_start": hist[0][f"val/ndcg@{k}"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,7 @@ from torch.utils.data import DataLoader
 from ospo.build import build_policy, build_trainer
 from ospo.config import config_hash
 from ospo.data import Dataset, Sample
-from ospo.evaluate import expand, score_all, validation_requests
-from ospo.format import FormatCheck
-from ospo.interfaces import Reward
+from ospo.evaluate import GreedyEvaluator, validation_requests
 from ospo.io import write_json
 from ospo.policy import Policy
 from ospo.step import optimization
@@ -102,9 +101,7 @@ class SFTModule(pl.LightningModule):
         return optimization(self.policy, self.optimizer_factory, self.scheduler_factory)
 
 
-def run_sft(
-    cfg: DictConfig, data: Dataset, reward: Reward, format_check: FormatCheck, run_dir: Path
-) -> Path:
+def run_sft(cfg: DictConfig, data: Dataset, evaluator: GreedyEvaluator, run_dir: Path) -> Path:
     """Train the warm-up, check it on the validation requests, write it to `warmup_dir(cfg)`."""
     out = warmup_dir(cfg)
     demos = [s for s in data.splits["train"] if s.demo]
@@ -114,7 +111,7 @@ def run_sft(
             "JSONL written by `python -m ospo.demos`, or run stage=rl from a checkpoint"
         )
     pl.seed_everything(cfg.seed, workers=True)
-    policy = build_policy(cfg.model, data)
+    policy = build_policy(cfg.model, data, cfg.trainer.get("precision"))
     module = SFTModule(policy, instantiate(cfg.sft.optimizer), instantiate(cfg.sft.scheduler))
     loader = DataLoader(
         demos,
@@ -135,27 +132,31 @@ def run_sft(
         callbacks=[TQDMProgressBar(refresh_rate=1)],
     )
     log.info("warm-up: %d steps of %d demonstrations", cfg.sft.steps, cfg.sft.batch_size)
+    t0 = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader)
+    seconds = {"train": time.perf_counter() - t0}
 
-    scores = check_warmup(cfg, policy, data, reward, format_check)
+    t0 = time.perf_counter()
+    scores = check_warmup(cfg, policy, data, evaluator)
+    seconds["check"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     policy.save(out)  # merged weights, atomically
+    seconds["save"] = time.perf_counter() - t0
     # written last: a folder without its marker is an unfinished warm-up and is redone
     write_json(
         out / WARMUP_MARKER, {"val": scores, "config": OmegaConf.to_container(cfg, resolve=True)}
     )
-    write_json(run_dir / WARMUP_MARKER, {"dir": str(out), "val": scores})
+    write_json(run_dir / WARMUP_MARKER, {"dir": str(out), "val": scores, "seconds": seconds})
     del trainer, module, policy  # RL reloads the merged weights: free these before it starts
     gc.collect()
     return out
 
 
 def check_warmup(
-    cfg: DictConfig, policy: Policy, data: Dataset, reward: Reward, format_check: FormatCheck
+    cfg: DictConfig, policy: Policy, data: Dataset, evaluator: GreedyEvaluator
 ) -> dict[str, Any]:
     """Greedy expansions of the validation requests: format_ok against `sft.min_format_ok`."""
-    val = validation_requests(cfg, data)
-    texts, ended = expand(cfg, policy, val, desc="warm-up check")
-    scores = score_all(texts, val, reward, format_check, ended)
+    scores = evaluator(policy, validation_requests(cfg, data), desc="warm-up check").means()
     verdict = "ok" if scores["format_ok"] >= cfg.sft.min_format_ok else "BELOW TARGET"
     print(
         f"warm-up: format_ok={scores['format_ok']:.3f} (target {cfg.sft.min_format_ok}, "

@@ -85,17 +85,18 @@ def score(
     samples: Sequence[Sample],
     well_formed: Sequence[bool] | None = None,
     invalid_reward: float | None = None,
-) -> np.ndarray:
-    """Reward of each completion for its request, (N,); the coalition memo starts empty.
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Reward of each completion for its request, (N,), and its ranking metrics (NDCG@10,
+    Recall@10, MRR, each (N,), ungated), from one retrieval; the coalition memo starts empty.
 
     With `invalid_reward` set, a completion that fails the format check (`well_formed` False:
     too long, no EOS, chat talk) gets that reward instead of its retrieval score, so stuffing
     a query with words past the format's budget is a losing move."""
     reward.clear_cache()
-    r = reward.score_texts(texts, samples)  # (N,)
+    r, metrics = reward.evaluate(texts, samples)  # (N,), each (N,)
     if invalid_reward is not None and well_formed is not None:
         r = np.where(np.asarray(well_formed, dtype=bool), r, float(invalid_reward))
-    return r
+    return r, metrics
 
 
 def coalition_base(sample: Sample, keep_query: bool) -> str:
@@ -245,6 +246,7 @@ class StepResult:
     rollouts: Rollouts
     rewards: np.ndarray  # (N,)
     well_formed: list[bool]  # (N,) passed the format check
+    metrics: dict[str, np.ndarray]  # ndcg@10, recall@10, mrr of each completion, (N,) each
     credit: Credit  # empty for GRPO
     advantages: Tensor  # (N, T)
     advantage_stats: dict[str, float]
@@ -309,7 +311,7 @@ class RLStep:
         # 2. reward
         t0 = time.perf_counter()
         ok = format_ok(ro.texts, ro.ended, self.format_check)  # (N,) bool
-        rewards = score(self.reward, ro.texts, samples, ok, self.invalid_reward)  # (N,)
+        rewards, metrics = score(self.reward, ro.texts, samples, ok, self.invalid_reward)
         seconds["reward"] = time.perf_counter() - t0
 
         # 3. credit (OSPO)
@@ -359,5 +361,5 @@ class RLStep:
         seconds["update"] = time.perf_counter() - t0
         seconds["step"] = time.perf_counter() - t_step
         return StepResult(
-            samples, ro, rewards, ok, credit, adv, adv_stats, loss, loss_metrics, seconds
+            samples, ro, rewards, ok, metrics, credit, adv, adv_stats, loss, loss_metrics, seconds
         )

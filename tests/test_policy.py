@@ -282,8 +282,9 @@ def test_token_logprobs_chunked_matches_and_grads(tiny, monkeypatch):
     (lp.sum() + ent.sum()).backward()
     grads = [p.grad.clone() for p in tiny.parameters()]
     tiny.zero_grad()
-    V, T = len(tiny.tokenizer), r.completion_ids.shape[1]
-    monkeypatch.setattr(logprobs_mod, "_MAX_LOGITS", 2 * T * V)  # 2 rows per chunk
+    V = len(tiny.tokenizer)
+    assert int(r.completion_mask.sum()) > 3  # several chunks below
+    monkeypatch.setattr(logprobs_mod, "_MAX_LOGITS", 3 * V)  # 3 valid tokens per chunk
     lp_c, ent_c = tiny.token_logprobs(*args, with_entropy=True)
     (lp_c.sum() + ent_c.sum()).backward()
     assert torch.allclose(lp, lp_c, atol=1e-6) and torch.allclose(ent, ent_c, atol=1e-6)
@@ -347,6 +348,110 @@ def test_lora_wrapper_on_tiny():
     lp.sum().backward()
     assert all(p.grad is not None for p in pol.trainable_parameters())
     assert all(p.grad is None for p in pol.parameters() if not p.requires_grad)
+
+
+def _lora_tiny(arch: str = "gpt2"):
+    """A tiny policy with LoRA on its attention, B matrices non-zero so the adapters matter:
+    the tiny GPT-2 (Conv1D layers) or a tiny Llama (nn.Linear layers, as SmolLM2) with the
+    same tokenizer."""
+    torch.manual_seed(0)  # LoRA's A matrices are drawn from the global generator
+    if arch == "gpt2":
+        pol = build_tiny(TEXTS, seed=0, lora={"r": 4, "alpha": 8, "target_modules": ["c_attn"]})
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from ospo.policy.loading import _finish
+
+        tok = build_tiny(TEXTS, seed=0).tokenizer
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config)
+        lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+        pol = _finish(model, tok, lora, gradient_checkpointing=False)
+    with torch.no_grad():
+        for name, p in pol.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    return pol
+
+
+@pytest.mark.parametrize("arch, cast_per_layer", [("llama", 7), ("gpt2", 4)])
+def test_store_frozen_is_bit_identical_under_autocast(arch, cast_per_layer):
+    """Frozen linear weights stored in bf16 give the same rollouts, log-probs, entropies and
+    LoRA gradients as float32 weights cast by autocast at every call; merged weights stay
+    exact. Llama: q, k, v, o (q and v under LoRA: their base), gate, up, down; GPT-2: c_attn
+    (under LoRA), attn and mlp c_proj, c_fc."""
+    results = []
+    for cast in (False, True):
+        pol = _lora_tiny(arch)
+        merged_before = pol.merged_state_dict()
+        if cast:
+            n = pol.store_frozen(torch.bfloat16)
+            assert n == 2 * cast_per_layer
+            frozen = [p for p in pol.parameters() if p.dtype == torch.bfloat16]
+            assert len(frozen) == n and not any(p.requires_grad for p in frozen)
+            assert pol.lm_head.weight.dtype == torch.float32  # tied embedding: left alone
+            assert all(p.dtype == torch.float32 for p in pol.trainable_parameters())
+            merged = pol.merged_state_dict()
+            assert merged.keys() == merged_before.keys()
+            assert all(torch.equal(merged[k], merged_before[k]) for k in merged)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.manual_seed(0)
+            ro = pol.generate(MESSAGES, num_generations=3, max_new_tokens=8)
+            lp, ent = pol.token_logprobs(
+                ro.prompt_ids,
+                ro.prompt_mask,
+                ro.completion_ids,
+                ro.completion_mask,
+                with_entropy=True,
+                group_size=3,
+            )
+        (lp.sum() + ent.sum()).backward()
+        grads = [p.grad.clone() for p in pol.trainable_parameters()]
+        results.append((ro.completion_ids, lp.detach(), ent.detach(), grads))
+    (ids0, lp0, ent0, g0), (ids1, lp1, ent1, g1) = results
+    assert torch.equal(ids0, ids1) and torch.equal(lp0, lp1) and torch.equal(ent0, ent1)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1, strict=True))
+    assert any(float(g.abs().sum()) > 0 for g in g1)
+
+
+def test_output_layer_cast_once_per_generate_is_exact(monkeypatch):
+    """Generation under autocast with the output layer cast once per call samples exactly
+    what per-step casting samples, and the policy's own output layer is put back."""
+    import contextlib
+
+    from ospo.policy import sampling
+
+    pol = _lora_tiny("llama")
+    head = pol.lm_head
+    seen = []
+    hook = pol.causal_lm.register_forward_hook(lambda m, i, o: seen.append(type(m.lm_head)))
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.manual_seed(0)
+            return pol.generate(MESSAGES, num_generations=3, max_new_tokens=8)
+
+    fast = run()
+    assert seen and all(t is sampling._Linear for t in seen)  # the cast copy was used
+    monkeypatch.setattr(sampling, "autocast_output_layer", lambda p: contextlib.nullcontext())
+    slow = run()
+    hook.remove()
+    assert torch.equal(fast.completion_ids, slow.completion_ids) and fast.texts == slow.texts
+    assert pol.lm_head is head and pol.lm_head.weight is pol.causal_lm.get_input_embeddings().weight
 
 
 def test_gradient_checkpointing_with_lora_matches(tiny):

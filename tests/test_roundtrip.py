@@ -15,7 +15,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from ospo.build import build_data, build_reward, load_warm_policy
-from ospo.evaluate import load_checkpoint_policy, run_eval, score_all
+from ospo.evaluate import GreedyEvaluator, build_evaluator, load_checkpoint_policy, run_eval
 from ospo.export import run_export
 from ospo.module import RLModule
 from ospo.policy import Policy
@@ -166,11 +166,12 @@ def test_eval_reloads_exactly_the_trained_weights(make_cfg, tmp_path, monkeypatc
     direct = {}
     for name in ("qld", "bm25_flat"):
         reward = build_reward(direct_cfgs[name], ecfg.reward, data.catalog)
-        direct[name] = score_all(texts, samples, reward, fmt, ended)
+        direct[name] = GreedyEvaluator(reward, fmt, 8).score(texts, ended, samples)
+        direct[name] = {k: float(np.mean(v)) for k, v in direct[name].items()}
         assert results["retrievers"][name] == pytest.approx(direct[name], abs=1e-12), name
     # ... which is not the training retriever's score of the same expansions
     training = build_reward(ecfg.retriever, ecfg.reward, data.catalog)
-    ndcg = score_all(texts, samples, training, fmt, ended)["ndcg@10"]
+    ndcg = float(np.mean(training.metrics(texts, samples)["ndcg@10"]))
     assert ndcg != pytest.approx(direct["bm25_flat"]["ndcg@10"], abs=1e-9)
 
 
@@ -265,7 +266,8 @@ def test_lora_warmup_folder_rl_checkpoint_and_eval(make_cfg, tmp_path, monkeypat
         return orig_save(self, *args, **kwargs)
 
     monkeypatch.setattr(Policy, "save", spy_save)
-    folder = run_sft(cfg, data, reward, instantiate(cfg.format), tmp_path / "run")
+    evaluator = build_evaluator(cfg, reward, instantiate(cfg.format))
+    folder = run_sft(cfg, data, evaluator, tmp_path / "run")
     monkeypatch.undo()
     assert folder == warmup_dir(cfg) and (folder / "warmup.json").exists()
     (sft_policy,) = saved_policies

@@ -111,16 +111,19 @@ def test_append_format_plays_the_game_after_the_request(shop, shop_rewrite, rewa
 def test_score_gives_ill_formed_completions_the_invalid_reward(shop, reward):
     samples = shop.splits["test"][:3]
     texts = ["waterproof kids", "kids", "warm"]
-    plain = score(reward, texts, samples)
-    gated = score(reward, texts, samples, [True, False, True], invalid_reward=-0.5)
+    plain, metrics = score(reward, texts, samples)
+    gated, gated_metrics = score(reward, texts, samples, [True, False, True], invalid_reward=-0.5)
     assert gated[0] == plain[0] and gated[2] == plain[2] and gated[1] == -0.5
-    assert np.array_equal(score(reward, texts, samples, [False] * 3, None), plain)
+    assert np.array_equal(score(reward, texts, samples, [False] * 3, None)[0], plain)
+    # the logged ranking metrics are the ungated retrieval scores, from the same retrieval
+    assert np.array_equal(gated_metrics["ndcg@10"], plain)
+    assert np.array_equal(metrics["ndcg@10"], reward.metrics(texts, samples)["ndcg@10"])
 
 
 def test_score_clears_the_coalition_memo(shop, reward):
     s = shop.splits["test"][0]
     reward._memo[("stale", "x")] = 1.0
-    out = score(reward, [s.request], [s])
+    out, _ = score(reward, [s.request], [s])
     assert out.shape == (1,) and ("stale", "x") not in reward._memo
 
 

@@ -40,6 +40,9 @@ class Policy(torch.nn.Module):
         self.eos_token_ids: list[int] = sorted({int(i) for i in eos_token_ids})
         if not self.eos_token_ids:
             raise ValueError("no EOS token id: the tokenizer and generation config name none")
+        # state-dict key (of `causal_lm`) -> the full-precision value of a frozen weight that
+        # `store_frozen` keeps in a lower dtype; merged saves read these
+        self.full_precision: dict[str, Tensor] = {}
 
     # ---- structure ---------------------------------------------------------------------
     @property
@@ -95,6 +98,36 @@ class Policy(torch.nn.Module):
     merged_state_dict = saving.merged_state_dict  # LoRA deltas folded into the base weights
     save = saving.save  # atomically: merged weights (default) or the adapter
     load = saving.load  # weights written by `save`, in place
+
+    def store_frozen(self, dtype: torch.dtype) -> int:
+        """Store the frozen weights of the linear layers in `dtype`, the autocast dtype.
+
+        Under autocast a linear layer casts its float32 weight to bf16 on every call, and
+        autocast caches the cast only for weights that require grad: the frozen base weights
+        under LoRA are cast again at every forward (17 forwards per 16-token rollout).
+        Casting them once gives the same bf16 operands, so every output is bit-identical;
+        the float32 values are kept in `full_precision` for merged saves. The output layer
+        (the log-prob pass runs it in float32) and weights shared with an embedding are left
+        alone. Returns the number of weights cast.
+        """
+        from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+        keep = {id(self.lm_head.weight), id(self.causal_lm.get_input_embeddings().weight)}
+        cast = 0
+        for name, module in self.causal_lm.named_modules():
+            weight = getattr(module, "weight", None)
+            if (
+                not isinstance(module, torch.nn.Linear | Conv1D)
+                or weight is None
+                or weight.requires_grad
+                or id(weight) in keep
+                or weight.dtype == dtype
+            ):
+                continue
+            self.full_precision[f"{name}.weight"] = weight.data
+            module.weight.data = weight.data.to(dtype)
+            cast += 1
+        return cast
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

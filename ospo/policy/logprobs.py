@@ -2,7 +2,8 @@
 
 One backbone pass over [prompt; completion[:-1]], positions from the attention mask (left
 padding does not shift them); only the T hidden states that predict completion tokens go
-through the output layer, in float32 even under bf16 autocast. With `group_size=G` each prompt
+through the output layer (and of those only the valid ones, not the padding after EOS), in
+float32 even under bf16 autocast. With `group_size=G` each prompt
 goes through the backbone once and its KV cache serves its G completions
 (docs/design.md section 3).
 """
@@ -19,8 +20,8 @@ from torch.utils.checkpoint import checkpoint
 if TYPE_CHECKING:
     from ospo.policy import Policy
 
-# Above this many logits (rows * T * V) token_logprobs works in row chunks, recomputing each
-# chunk's logits in the backward pass instead of keeping them all (2**27 floats = 512 MiB fp32).
+# Above this many logits (valid tokens * V) token_logprobs works in chunks of tokens, recomputing
+# each chunk's logits in the backward pass instead of keeping them all (2**27 floats = 512 MiB).
 _MAX_LOGITS = 2**27
 
 
@@ -89,14 +90,16 @@ def token_logprobs(
                 **{cache_keyword(policy): cache},
             ).last_hidden_state  # (N, T - 1, H)
             hidden = torch.cat([first, rest], 1)  # (N, T, H)
-    targets = completion_ids.to(dev)  # (N, T)
+    valid = completion_mask.to(dev).bool()  # (N, T)
+    h_all, tgt_all = hidden[valid], completion_ids[valid]  # (M, H), (M,): valid tokens only
+    M = tgt_all.shape[0]
     V = policy.lm_head.weight.shape[0]
-    rows = max(1, _MAX_LOGITS // max(1, T * V))
+    rows = max(1, _MAX_LOGITS // max(1, V))
     scale = 1.0 / float(temperature)
     logps, ents = [], []
-    for r0 in range(0, N, rows):
-        h, tgt = hidden[r0 : r0 + rows], targets[r0 : r0 + rows]
-        if rows < N and torch.is_grad_enabled() and h.requires_grad:
+    for r0 in range(0, M, rows):
+        h, tgt = h_all[r0 : r0 + rows], tgt_all[r0 : r0 + rows]
+        if rows < M and torch.is_grad_enabled() and h.requires_grad:
             out = checkpoint(
                 _head_logprobs, policy.lm_head, h, tgt, scale, with_entropy, use_reentrant=False
             )
@@ -104,11 +107,18 @@ def token_logprobs(
             out = _head_logprobs(policy.lm_head, h, tgt, scale, with_entropy)
         logps.append(out[0])
         ents.append(out[1])
-    valid = completion_mask.to(dev).bool()  # (N, T)
-    logp = torch.where(valid, torch.cat(logps), 0.0)  # (N, T)
+    logp = _scatter(valid, logps)  # (N, T), 0 on padding
     if not with_entropy:
         return logp
-    return logp, torch.where(valid, torch.cat(ents), 0.0)
+    return logp, _scatter(valid, ents)
+
+
+def _scatter(valid: Tensor, chunks: list[Tensor]) -> Tensor:
+    """Values of the M valid tokens, (M,) in chunks, put back into an (N, T) tensor of zeros."""
+    out = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+    if chunks:
+        out = out.masked_scatter(valid, torch.cat(chunks).to(torch.float32))
+    return out
 
 
 def prompt_cache(policy: Policy, p_ids: Tensor, p_mask: Tensor, group_size: int):
@@ -144,17 +154,18 @@ def _unique_prompts(ids: Tensor, mask: Tensor, group_size: int) -> tuple[Tensor,
 def _head_logprobs(
     lm_head: torch.nn.Module, hidden: Tensor, targets: Tensor, scale: float, with_entropy: bool
 ) -> tuple[Tensor, Tensor]:
-    """log_softmax(lm_head(h) * scale) gathered at targets, (n, T); entropy (n, T) or empty."""
+    """log_softmax(lm_head(h) * scale) gathered at targets, (m,); entropy (m,) or empty.
+    hidden: (m, H), targets: (m,)."""
     # The output layer runs in the weights' dtype (float32 on CPU) even under bf16 autocast:
     # log-prob ratios of a few per cent decide PPO clipping; bf16 logits are good to ~0.05.
     with torch.autocast(hidden.device.type, enabled=False):
-        logits = lm_head(hidden.to(lm_head.weight.dtype)).float()  # (n, T, V)
+        logits = lm_head(hidden.to(lm_head.weight.dtype)).float()  # (m, V)
     if scale != 1.0:
         logits = logits * scale
-    lse = logits.logsumexp(-1)  # (n, T)
-    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse  # (n, T)
+    lse = logits.logsumexp(-1)  # (m,)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse  # (m,)
     if not with_entropy:
         return logp, logp.new_zeros(0)
-    probs = logits.softmax(-1)  # (n, T, V)
-    entropy = lse - (probs * logits).sum(-1)  # H = lse - E_p[logit]
+    probs = logits.softmax(-1)  # (m, V)
+    entropy = lse - (probs * logits).sum(-1)  # H = lse - E_p[logit], (m,)
     return logp, entropy

@@ -9,6 +9,7 @@ on exactly the tokens that wrote it (docs/design.md section 2.6).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -82,7 +83,7 @@ def generate(
     modes = [(m, m.training) for m in policy.modules()]
     policy.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast_output_layer(policy):
             if G > 1 and P > 1 and not policy._checkpointing():
                 # prefill each request's first P - 1 tokens once, not G times
                 gen_kwargs[cache_keyword(policy)], _ = prompt_cache(
@@ -95,6 +96,46 @@ def generate(
         for module, training in modes:  # restore each module's own mode
             module.training = training
     return build_rollouts(policy, prompt_ids.clone(), prompt_mask.clone(), out[:, P:].clone(), G)
+
+
+@contextlib.contextmanager
+def autocast_output_layer(policy: Policy):
+    """Within autocast, run the output layer on weights cast once for this call, not at each
+    decoding step.
+
+    Autocast re-casts a weight that does not require grad at every call, and the output
+    layer of a LoRA policy is the frozen (tied) embedding matrix, V x H: generation would
+    cast it once per new token. A copy in the autocast dtype gives the same bf16 operands, so
+    the same logits; outside autocast, or when the weight is trained, nothing changes.
+    """
+    head = policy.lm_head
+    dtype = torch.get_autocast_dtype(policy.device.type)
+    if (
+        not torch.is_autocast_enabled(policy.device.type)
+        or not isinstance(head, torch.nn.Linear)
+        or head.weight.requires_grad
+        or head.weight.dtype == dtype
+    ):
+        yield
+        return
+    lm = policy.causal_lm
+    bias = None if head.bias is None else head.bias.detach().to(dtype)
+    lm.set_output_embeddings(_Linear(head.weight.detach().to(dtype), bias))
+    try:
+        yield
+    finally:
+        lm.set_output_embeddings(head)
+
+
+class _Linear(torch.nn.Module):
+    """y = x W^T + b on fixed tensors (built without drawing initial weights)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
 def check_sampling(

@@ -29,8 +29,9 @@ def merged_state_dict(policy: Policy, lora: bool = True) -> dict[str, Tensor]:
     the plain model's key names (the live model is not modified); `lora=False` leaves the
     deltas out (the frozen base). Without LoRA: the model's own state dict."""
     lm = policy.causal_lm
+    full = policy.full_precision  # frozen weights kept in a lower dtype (`store_frozen`)
     if not policy.is_peft:
-        return {k: v.detach() for k, v in lm.state_dict().items()}
+        return {k: full.get(k, v).detach() for k, v in lm.state_dict().items()}
     deltas = {}
     with torch.no_grad():
         for name, module in lm.named_modules() if lora else []:
@@ -42,6 +43,7 @@ def merged_state_dict(policy: Policy, lora: bool = True) -> dict[str, Tensor]:
     for key, value in lm.state_dict().items():
         if "lora_" in key:
             continue
+        value = full.get(key, value)
         key = key.replace(".base_layer.", ".")
         module_name, _, leaf = key.rpartition(".")
         if leaf == "weight" and module_name in deltas:
