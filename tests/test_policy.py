@@ -408,6 +408,12 @@ def test_store_frozen_is_bit_identical_under_autocast(arch, cast_per_layer):
             merged = pol.merged_state_dict()
             assert merged.keys() == merged_before.keys()
             assert all(torch.equal(merged[k], merged_before[k]) for k in merged)
+            with pol.full_precision_frozen():  # float32 again, e.g. outside autocast
+                assert all(
+                    torch.equal(v, merged_before[k]) for k, v in pol.merged_state_dict().items()
+                )
+                assert not any(p.dtype == torch.bfloat16 for p in pol.parameters())
+            assert sum(p.dtype == torch.bfloat16 for p in pol.parameters()) == n
         with torch.autocast("cpu", dtype=torch.bfloat16):
             torch.manual_seed(0)
             ro = pol.generate(MESSAGES, num_generations=3, max_new_tokens=8)

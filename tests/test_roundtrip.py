@@ -49,18 +49,20 @@ def _policy_state(ckpt: dict) -> dict[str, torch.Tensor]:
 def _fixed_batch(policy: Policy, samples, seed: int = 0):
     """Sampled completions (2 per request) to score every policy on the same token ids."""
     torch.manual_seed(seed)
-    return policy.generate(
-        [s.messages for s in samples], num_generations=2, max_new_tokens=8, do_sample=True
-    )
+    with policy.full_precision_frozen():
+        return policy.generate(
+            [s.messages for s in samples], num_generations=2, max_new_tokens=8, do_sample=True
+        )
 
 
 @torch.no_grad()
 def _logprobs(policy: Policy, ro) -> torch.Tensor:
     """fp32 (no autocast) per-token log-probs of the fixed batch, (N, T)."""
     policy.eval()
-    return policy.token_logprobs(
-        ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask
-    )
+    with policy.full_precision_frozen():
+        return policy.token_logprobs(
+            ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask
+        )
 
 
 def _stop_before_step(k: int):

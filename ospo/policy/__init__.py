@@ -12,6 +12,7 @@ ids) and its chat prompts; the work is done by one module per job, which its met
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -128,6 +129,21 @@ class Policy(torch.nn.Module):
             module.weight.data = weight.data.to(dtype)
             cast += 1
         return cast
+
+    @contextlib.contextmanager
+    def full_precision_frozen(self):
+        """Run with the float32 values of the weights `store_frozen` cast, e.g. to use the
+        policy outside autocast (a bf16 weight there meets float32 inputs)."""
+        modules = dict(self.causal_lm.named_modules())
+        low = {}
+        for key, full in self.full_precision.items():
+            module = modules[key.rpartition(".")[0]]
+            low[key], module.weight.data = module.weight.data, full
+        try:
+            yield self
+        finally:
+            for key, data in low.items():
+                modules[key.rpartition(".")[0]].weight.data = data
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
