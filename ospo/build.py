@@ -90,6 +90,7 @@ def load_warm_policy(
         dtype=model_cfg.get("dtype", "float32"),
         lora=OmegaConf.to_container(model_cfg.lora) if model_cfg.get("lora") else None,
         gradient_checkpointing=bool(model_cfg.get("gradient_checkpointing", False)),
+        attn_implementation=model_cfg.get("attn_implementation"),
     )
     return _for_precision(policy, precision)
 

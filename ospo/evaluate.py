@@ -148,7 +148,8 @@ def generate_all(
 ) -> tuple[list[str], list[bool]]:
     """One completion per request, batched. Returns texts and whether each ended on EOS."""
     texts, ended = [], []
-    for i in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
+    batches = range(0, len(samples), batch_size)
+    for i in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2):  # one: no bar
         batch = samples[i : i + batch_size]
         ro = policy.generate(
             [s.messages for s in batch],

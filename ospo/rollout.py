@@ -40,7 +40,19 @@ SYNC_MODES = ("merged", "adapter")
 
 
 class HFRollout:
-    """Sampling with the training policy itself (`Policy.generate`); nothing to keep in sync."""
+    """Sampling with the training policy itself (`Policy.generate`); nothing to keep in sync.
+
+    `sampler`: how each token is drawn, "multinomial" (transformers' `torch.multinomial`) or
+    "inverse_cdf" (the same distribution, drawn about 25x faster on CPU; other draws for a
+    seed, see `ospo.policy.sampling.InverseCDFSample`).
+    """
+
+    def __init__(self, sampler: str = "multinomial"):
+        from ospo.policy.sampling import SAMPLERS
+
+        if sampler not in SAMPLERS:
+            raise ValueError(f"rollout.sampler={sampler!r}: expected one of {', '.join(SAMPLERS)}")
+        self.sampler = sampler
 
     def sync(self, policy: Policy, version: int) -> float:
         """Bring the engine to the policy's weights; returns the seconds spent (none here)."""
@@ -67,6 +79,7 @@ class HFRollout:
             temperature=temperature,
             top_p=top_p,
             do_sample=do_sample,
+            sampler=self.sampler,
         )
 
     def __call__(self, policy: Policy, prompts, num_generations: int, sampling, seed: int):

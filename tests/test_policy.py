@@ -707,3 +707,45 @@ def test_demos_command_line(tmp_path):
     )  # fmt: skip
     assert stats["requests"] == 4 and out.exists()
     assert len(load_demos(out)) == stats["with_demo"]
+
+
+def test_inverse_cdf_sampler_draws_softmax_and_never_a_masked_token():
+    """InverseCDFSample draws from softmax(scores): frequencies of 40,000 draws match, tokens
+    at -inf (outside the nucleus) never come, and a seed repeats its draws."""
+    from ospo.policy.sampling import InverseCDFSample
+
+    scores = torch.tensor([2.0, 1.0, 0.0, float("-inf"), -1.0, float("-inf")])
+    rows = scores.repeat(40_000, 1)  # (R, V)
+    torch.manual_seed(0)
+    out = InverseCDFSample()(None, rows)
+    assert torch.equal((out == 0).sum(1), torch.ones(len(rows), dtype=torch.long))
+    drawn = out.argmax(1)
+    freq = torch.bincount(drawn, minlength=6).double() / len(rows)
+    probs = scores.double().softmax(0)
+    assert freq[3] == 0 and freq[5] == 0
+    assert torch.allclose(freq, probs, atol=0.01)  # 5 standard errors at most
+    torch.manual_seed(0)
+    assert torch.equal(InverseCDFSample()(None, rows).argmax(1), drawn)
+
+
+def test_generate_with_inverse_cdf_sampler(tiny, eos_boost):
+    """The inverse-CDF path samples (not greedy), is seeded, honours top-p and EOS."""
+    torch.manual_seed(3)
+    a = tiny.generate(MESSAGES, num_generations=4, max_new_tokens=8, sampler="inverse_cdf")
+    torch.manual_seed(3)
+    b = tiny.generate(MESSAGES, num_generations=4, max_new_tokens=8, sampler="inverse_cdf")
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert len({tuple(r) for r in a.completion_ids[:4].tolist()}) > 1  # draws, not argmax
+    greedy = tiny.generate(MESSAGES, num_generations=1, max_new_tokens=8, do_sample=False)
+    torch.manual_seed(3)
+    top = tiny.generate(
+        MESSAGES, num_generations=4, max_new_tokens=8, sampler="inverse_cdf", top_p=1e-6
+    )
+    # a vanishing nucleus keeps the most likely token only: greedy decoding
+    assert torch.equal(top.completion_ids[::4], greedy.completion_ids)
+    with pytest.raises(ValueError, match="sampler='gumbel'"):
+        tiny.generate(MESSAGES, sampler="gumbel")
+    from ospo.rollout import HFRollout
+
+    with pytest.raises(ValueError, match="rollout.sampler='x'"):
+        HFRollout(sampler="x")

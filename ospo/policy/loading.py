@@ -86,6 +86,11 @@ def _lora_config(lora: Mapping[str, Any], model):
     )
 
 
+def _attention(attn_implementation: str | None) -> dict[str, str]:
+    """`from_pretrained` keywords for an attention kernel; none for transformers' default."""
+    return {"attn_implementation": attn_implementation} if attn_implementation else {}
+
+
 def _plain(obj):
     """An OmegaConf container as plain Python; anything else unchanged."""
     try:
@@ -222,14 +227,18 @@ def load_smollm2(
     gradient_checkpointing: bool = False,
     dtype: str = "float32",
     keep_dropout: bool = False,
+    attn_implementation: str | None = None,
 ) -> Policy:
     """SmolLM2-135M-Instruct as a Policy; the first call converts the GGUF into the cache.
-    `texts` is not read (the tokenizer is pretrained)."""
+    `texts` is not read (the tokenizer is pretrained). `attn_implementation`: transformers'
+    attention kernel ("sdpa", "eager"; None = transformers' default, sdpa)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache = convert_smollm2(cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(cache)
-    model = AutoModelForCausalLM.from_pretrained(cache, dtype=to_dtype(dtype))
+    model = AutoModelForCausalLM.from_pretrained(
+        cache, dtype=to_dtype(dtype), **_attention(attn_implementation)
+    )
     emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     if not (head is emb or torch.equal(head, emb)):
         raise RuntimeError(f"lm_head and embeddings are not tied after loading {cache}")
@@ -245,15 +254,19 @@ def load_hf(
     trust_remote_code: bool = False,
     device: str | None = None,
     keep_dropout: bool = False,
+    attn_implementation: str | None = None,
 ) -> Policy:
     """Any HF causal LM (hub name or local folder) as a Policy; `device` e.g. "cuda".
     Dropout is switched off unless `keep_dropout` (see `disable_dropout`); `texts` is not read
-    (the tokenizer is pretrained)."""
+    (the tokenizer is pretrained); `attn_implementation` as in `load_smollm2`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
-        name, dtype=to_dtype(dtype), trust_remote_code=trust_remote_code
+        name,
+        dtype=to_dtype(dtype),
+        trust_remote_code=trust_remote_code,
+        **_attention(attn_implementation),
     )
     if device is not None:
         model = model.to(device)

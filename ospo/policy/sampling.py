@@ -55,14 +55,20 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     do_sample: bool = True,
+    sampler: str = "multinomial",
 ) -> Rollouts:
     """Sample `num_generations` completions per conversation (greedy with do_sample=False).
 
     Sampling is from softmax(logits / temperature) restricted to the top-p nucleus: no
     top-k, no repetition penalty, whatever the model's generation config says. Generation
-    stops at EOS; ids after the first EOS are replaced by the pad id.
+    stops at EOS; ids after the first EOS are replaced by the pad id. `sampler` draws the
+    token: "multinomial" (transformers' own, `torch.multinomial`) or "inverse_cdf"
+    (`InverseCDFSample`: the same distribution, other draws for the same seed, ~25x faster
+    on CPU for a 49k vocabulary).
     """
     check_sampling(num_generations, max_new_tokens, temperature, do_sample)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r}: expected one of {', '.join(SAMPLERS)}")
     G = num_generations
     prompt_ids, prompt_mask = policy.encode_prompts(messages_list)  # (B, P)
     P = prompt_ids.shape[1]
@@ -78,7 +84,15 @@ def generate(
         pad_token_id=policy.pad_token_id,
         use_cache=True,
     )
-    if do_sample:  # exactly softmax(logits / temperature) on the top-p nucleus; no top-k
+    if do_sample and sampler == "inverse_cdf":  # warp, draw, then greedy takes the draw
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+        chain = [TemperatureLogitsWarper(float(temperature))] if temperature != 1.0 else []
+        chain += [TopPLogitsWarper(float(top_p))] if top_p < 1.0 else []
+        gen_kwargs.update(
+            do_sample=False, logits_processor=LogitsProcessorList([*chain, InverseCDFSample()])
+        )
+    elif do_sample:  # exactly softmax(logits / temperature) on the top-p nucleus; no top-k
         gen_kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
     modes = [(m, m.training) for m in policy.modules()]
     policy.eval()
@@ -125,6 +139,30 @@ def autocast_output_layer(policy: Policy):
         yield
     finally:
         lm.set_output_embeddings(head)
+
+
+SAMPLERS = ("multinomial", "inverse_cdf")
+
+
+class InverseCDFSample:
+    """A logits processor that draws one token per row from softmax(scores) by inverse
+    transform sampling, and returns scores that are 0 at the drawn token and -inf elsewhere,
+    so that greedy decoding emits it.
+
+        F = cumsum(softmax(scores)) (float64), u ~ U[0, 1) per row, token = min{j : F_j > u F_V}
+
+    The same distribution as `torch.multinomial(probs, 1)`, which without replacement draws
+    an exponential for every vocabulary entry (64 x 49,152 per token: about 90 ms on 2 CPU
+    cores, against about 4 ms here). Draws come from torch's global generator, so a seeded
+    step repeats; they are not the draws `torch.multinomial` makes from the same seed.
+    """
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        cdf = scores.double().softmax(-1).cumsum(-1)  # (N, V)
+        u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+        token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)  # (N, 1)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, token, 0.0)
 
 
 class _Linear(torch.nn.Module):
