@@ -48,9 +48,12 @@ def _policy(smol_dir):
 
 
 def _greedy(engine, policy, requests):
-    return engine.generate(
-        policy, [s.messages for s in requests], 1, MAX_NEW, do_sample=False, seed=0
-    )
+    """Greedy float32 completions (a policy built under bf16-mixed gets its float32 weights
+    back for the call: `Policy.full_precision_frozen`)."""
+    with policy.full_precision_frozen():
+        return engine.generate(
+            policy, [s.messages for s in requests], 1, MAX_NEW, do_sample=False, seed=0
+        )
 
 
 def _same(a, b) -> None:
