@@ -3,9 +3,8 @@
 One backbone pass over [prompt; completion[:-1]], positions from the attention mask (left
 padding does not shift them); only the T hidden states that predict completion tokens go
 through the output layer (and of those only the valid ones, not the padding after EOS), in
-float32 even under bf16 autocast. With `group_size=G` each prompt
-goes through the backbone once and its KV cache serves its G completions
-(docs/design.md section 3).
+float32 even under bf16 autocast. With `group_size=G` each prompt goes through the backbone
+once and its KV cache serves its G completions (docs/design.md section 3).
 """
 
 from __future__ import annotations
