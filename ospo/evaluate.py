@@ -104,14 +104,16 @@ class GreedyEvaluator:
         return Evaluation(texts, ended, self.score(texts, ended, samples))
 
     def with_retrievers(
-        self, evaluation: Evaluation, samples: Sequence[Sample], rewards: dict[str, Reward]
+        self,
+        texts: Sequence[str],
+        ended: Sequence[bool],
+        samples: Sequence[Sample],
+        rewards: dict[str, Reward],
     ) -> dict[str, dict[str, float]]:
         """Mean scores of the same completions under each named reward (held-out retrievers)."""
         return {
             name: Evaluation(
-                evaluation.texts,
-                evaluation.ended,
-                self.score(evaluation.texts, evaluation.ended, samples, reward),
+                list(texts), list(ended), self.score(texts, ended, samples, reward)
             ).means()
             for name, reward in rewards.items()
         }
@@ -234,9 +236,7 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "ckpt_path": cfg.ckpt_path,
         "split": cfg.eval.split,
         "n": len(samples),
-        "retrievers": evaluator.with_retrievers(
-            Evaluation(texts, ended, {}), samples, held_out_rewards(cfg, data)
-        ),
+        "retrievers": evaluator.with_retrievers(texts, ended, samples, held_out_rewards(cfg, data)),
     }
     write_json(run_dir / "results.json", results)
     write_jsonl(

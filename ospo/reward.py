@@ -214,17 +214,22 @@ class Reward:
         out = np.zeros(len(texts), dtype=np.float64)
         todo: list[int] = []
         for i, (text, sample) in enumerate(zip(texts, samples, strict=True)):
-            key = self._key(sample)
-            if key is not None and (key, text) in self._memo:
-                out[i] = self._memo[(key, text)]
-            else:
+            known = self._recalled(sample, text)
+            if known is None:
                 todo.append(i)
+            else:
+                out[i] = known
         if not todo:
             return out
         scores = self.retriever.score([texts[i] for i in todo])  # (M, D)
         for row, i in enumerate(todo):
             out[i] = self._value(scores[row : row + 1], samples[i], texts[i])
         return out
+
+    def _recalled(self, sample: Any, text: str) -> float | None:
+        """The memoised value of `text` for `sample`, or None."""
+        key = self._key(sample)
+        return None if key is None else self._memo.get((key, text))
 
     def _value(self, scores: np.ndarray, sample: Any, text: str) -> float:
         """Main metric of one score row (1, D) for its sample, remembered by (qid, text)."""
@@ -250,11 +255,8 @@ class Reward:
         scores = self.retriever.score(queries) if queries else None  # (N, D)
         rewards = np.zeros(len(queries), dtype=np.float64)  # (N,)
         for i, (query, sample) in enumerate(zip(queries, samples, strict=True)):
-            key = self._key(sample)
-            if key is not None and (key, query) in self._memo:
-                rewards[i] = self._memo[(key, query)]
-            else:
-                rewards[i] = self._value(scores[i : i + 1], sample, query)
+            known = self._recalled(sample, query)
+            rewards[i] = self._value(scores[i : i + 1], sample, query) if known is None else known
         return rewards, self._metrics_from_scores(scores, samples, k)
 
     def metrics(

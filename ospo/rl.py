@@ -179,7 +179,7 @@ def final_scores(
     test = test_requests(cfg, data)
     ev = evaluator(module.policy, test, desc=f"{split} scores")
     scores = {"train": ev.means()}
-    scores.update(evaluator.with_retrievers(ev, test, held_out_rewards(cfg, data)))
+    scores.update(evaluator.with_retrievers(ev.texts, ev.ended, test, held_out_rewards(cfg, data)))
     hist = module.val_history
     return {
         f"val_ndcg@{k}_start": hist[0][f"val/ndcg@{k}"],

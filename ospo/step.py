@@ -9,8 +9,9 @@
 
 `RLStep` runs the parts in this order and times each. `ospo.build.build_step` builds it from
 the config for `train.py` and for every benchmark, so what they time is the step that trains;
-`ospo.module.RLModule.training_step` calls it and only logs its `StepResult`. Which prompts a step sees (`PromptSchedule`) and its sampling seed (`step_seed`)
-are pure functions of (seed, step, rank), so a resumed run repeats a straight one.
+`ospo.module.RLModule.training_step` calls it and only logs its `StepResult`. Which prompts a
+step sees (`PromptSchedule`) and its sampling seed (`step_seed`) are pure functions of (seed,
+step, rank), so a resumed run repeats a straight one.
 """
 
 from __future__ import annotations

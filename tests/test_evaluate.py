@@ -55,7 +55,7 @@ def test_greedy_evaluator_scores_what_it_generates(tiny_run):
     # the same completions under another retriever
     other = BM25L()
     other.index(data.catalog)
-    held = ev.with_retrievers(out, samples, {"bm25_l": NDCG(other)})
+    held = ev.with_retrievers(out.texts, out.ended, samples, {"bm25_l": NDCG(other)})
     assert held["bm25_l"]["ndcg@10"] == float(
         np.mean(NDCG(other).metrics(out.texts, samples)["ndcg@10"])
     )
