@@ -96,7 +96,7 @@ def naive_value_fn(okapi: BM25Okapi, doc_ids: list[str], text, segmentation, gai
     def value_fn(masks: np.ndarray) -> np.ndarray:
         out = np.zeros(len(masks))
         for i, mask in enumerate(masks):
-            query = join_texts("", segmentation.join(text, mask))
+            query = join_texts("", segmentation.coalition_text(text, mask))
             scores = okapi.get_scores(tokenize(query))  # (D,)
             ranking = [doc_ids[c] for c in np.argsort(-scores, kind="stable")[:k]]
             out[i] = ndcg_at_k(ranking, gains, k)

@@ -10,11 +10,16 @@ Pipeline for one batch (N = B * G completions, prompt-major: rows g*G .. g*G+G-1
 
 1. `group_advantages`: A_i = (r_i - mean_g r) / (std_g r + eps)             # (N,)
 2. `token_credit`:      token t of completion i takes phi of its segment   # (T_i,)
-3. `credit_weights`:    credits -> weights u_t >= 0 (prop | rank | hybrid | signed)
-4. `redistribute`:      A_{i,t} = A_i * u_t / mean_t(u_t)                  # mean_t A_{i,t} = A_i
-5. optional clipping of A_{i,t} to +-kappa * std_i(A_i)
+   `token_mass`:        m_t = 1 per token, or each segment's mass spread over its tokens
+3. continuous weightings (`shift_advantages`, the default `relative`):
+                        A_{i,t} = A_i + lambda * g_i * m_t (c_t - cbar) / s
+                        g_i = |A_i| (relative) or 1 (additive), s a fixed credit scale
+   min-max weightings (`credit_weights`: prop | rank | hybrid | signed), then
+   `redistribute`:      A_{i,t} = A_i * u_t / mean_t(u_t)
+   either way mean_t A_{i,t} = A_i
+4. optional clipping of A_{i,t} to +-kappa * std_i(A_i)
 
-`GRPO` stops after step 1 (every valid token gets A_i); `OSPO` runs all five steps.
+`GRPO` stops after step 1 (every valid token gets A_i); `OSPO` runs all four steps.
 `RandomCredit` runs OSPO's five steps on each completion's phi shuffled among its segments;
 `EntropyCredit` replaces steps 2-3 by the policy's token entropy (`entropy_weights`).
 Every estimator logs `cos_to_grpo`, the cosine between its token advantages and GRPO's.
@@ -29,7 +34,10 @@ import torch
 from torch import Tensor
 
 SCALES = ("group", "batch", "none")
-WEIGHTINGS = ("prop", "rank", "hybrid", "signed")
+MIN_MAX_WEIGHTINGS = ("prop", "rank", "hybrid", "signed")
+SHIFT_WEIGHTINGS = ("relative", "additive")
+WEIGHTINGS = SHIFT_WEIGHTINGS + MIN_MAX_WEIGHTINGS
+MASSES = ("token", "segment")
 NEGATIVES = ("entropy", "inverse")
 
 # Credits whose spread (max - min) is below this fraction of max(1, |credit|) count as uniform,
@@ -117,33 +125,66 @@ def frac_zero_std(rewards, group_size: int) -> float:
 # 2. Token credit ----------------------------------------------------------------------------
 
 
-def token_credit(token_spans, seg_spans, phi) -> tuple[Tensor, Tensor]:
-    """Map segment credits phi (n,) onto completion tokens (docs/design.md section 2.6).
+def token_segments(token_spans, seg_spans) -> tuple[np.ndarray, np.ndarray]:
+    """The segment each completion token belongs to (docs/design.md section 2.6).
 
     token_spans: T [start, end) character spans of the completion's tokens (tokenizer offsets).
     seg_spans:   n [start, end) character spans of the segments, in the same text.
-    A token takes the credit of the segment it overlaps most (ties: the earlier segment).
-    Zero-width tokens (EOS, span (x, x)) and tokens overlapping no segment are uncovered and
-    get credit 0. Vectorised as one (T, n) overlap matrix.
+    A token belongs to the segment it overlaps most (ties: the earlier segment). Zero-width
+    tokens (EOS, span (x, x)) and tokens overlapping no segment are uncovered. Vectorised as one
+    (T, n) overlap matrix.
 
-    Returns credit (T,) float32 and covered (T,) bool.
+    Returns segment index (T,) int64 (0 where uncovered) and covered (T,) bool.
     """
     tok = np.asarray(token_spans, dtype=np.int64).reshape(-1, 2)  # (T, 2)
     seg = np.asarray(seg_spans, dtype=np.int64).reshape(-1, 2)  # (n, 2)
-    values = np.asarray(phi, dtype=np.float64).reshape(-1)  # (n,)
-    if values.shape[0] != seg.shape[0]:
-        raise ValueError(f"phi has {values.shape[0]} values but there are {seg.shape[0]} segments")
     num_tokens = tok.shape[0]
     if seg.shape[0] == 0 or num_tokens == 0:
-        return torch.zeros(num_tokens, dtype=torch.float32), torch.zeros(
-            num_tokens, dtype=torch.bool
-        )
+        return np.zeros(num_tokens, dtype=np.int64), np.zeros(num_tokens, dtype=bool)
     overlap = np.minimum(tok[:, 1:2], seg[None, :, 1]) - np.maximum(tok[:, 0:1], seg[None, :, 0])
     overlap = np.clip(overlap, 0, None)  # (T, n) characters shared by token t and segment j
     best = overlap.argmax(axis=1)  # (T,) first segment with the largest overlap
     covered = overlap[np.arange(num_tokens), best] > 0  # (T,)
-    credit = np.where(covered, values[best], 0.0)  # (T,)
+    return np.where(covered, best, 0), covered
+
+
+def token_credit(token_spans, seg_spans, phi) -> tuple[Tensor, Tensor]:
+    """Map segment credits phi (n,) onto completion tokens: a token takes the credit of its
+    segment (`token_segments`); uncovered tokens get credit 0.
+
+    Returns credit (T,) float32 and covered (T,) bool.
+    """
+    values = np.asarray(phi, dtype=np.float64).reshape(-1)  # (n,)
+    n = np.asarray(seg_spans, dtype=np.int64).reshape(-1, 2).shape[0]
+    if values.shape[0] != n:
+        raise ValueError(f"phi has {values.shape[0]} values but there are {n} segments")
+    best, covered = token_segments(token_spans, seg_spans)  # (T,), (T,)
+    credit = np.where(covered, values[best] if n else 0.0, 0.0)  # (T,)
     return torch.from_numpy(credit).to(torch.float32), torch.from_numpy(covered)
+
+
+def token_mass(segment, covered, mode: str = "token") -> Tensor:
+    """How much of a segment's credit each of its tokens carries, m_t (mean 1 over covered
+    tokens, 0 on uncovered ones).
+
+    * `token`:   m_t = 1: a segment of k tokens moves k times a one-token segment's advantage.
+    * `segment`: m_t = (T_cov / n_cov) / k_j for token t of segment j (k_j its tokens, n_cov the
+                 segments with a covered token): every segment, whatever its token count,
+                 carries the same total mass, so the segment (a word, under the default
+                 segmenter) is the unit of credit.
+
+    segment, covered: (T,) from `token_segments`. Returns m (T,) float64.
+    """
+    _check_choice("mass", mode, MASSES)
+    seg = torch.as_tensor(np.asarray(segment, dtype=np.int64)).reshape(-1)  # (T,)
+    cov = torch.as_tensor(np.asarray(covered, dtype=bool)).reshape(-1)  # (T,)
+    m = cov.to(torch.float64)  # (T,)
+    if mode == "token" or not cov.any():
+        return m
+    counts = torch.bincount(seg[cov])  # (n,) covered tokens per segment
+    used = int((counts > 0).sum())
+    m[cov] = (int(cov.sum()) / used) / counts[seg[cov]].to(torch.float64)
+    return m
 
 
 # 3. Weights ---------------------------------------------------------------------------------
@@ -169,7 +210,7 @@ def credit_weights(
 
     credit: (T,), covered: (T,) bool. Returns u (T,) float32.
     """
-    _check_choice("weighting", mode, WEIGHTINGS)
+    _check_choice("weighting", mode, MIN_MAX_WEIGHTINGS)
     if mode in ("hybrid", "signed") and not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1] for weighting {mode!r}, got {alpha}")
     c_all = torch.as_tensor(credit).to(torch.float64).reshape(-1)  # (T,)
@@ -196,6 +237,53 @@ def credit_weights(
     u[cov] = w
     u[~cov] = w.mean()
     return u.to(torch.float32)
+
+
+def shift_advantages(
+    advantage: float,
+    credit,
+    covered,
+    mode: str = "relative",
+    strength: float = 4.0,
+    credit_scale: float = 1.0,
+    mass=None,
+) -> Tensor:
+    """Token advantages that move continuously with the credit (docs/design.md section 2.7):
+
+        A_{i,t} = A_i + strength * g_i * m_t * (c_t - cbar) / credit_scale
+        cbar    = sum_t m_t c_t / sum_t m_t  (covered tokens), so mean_t A_{i,t} = A_i
+
+    * `relative`: g_i = |A_i|: every token of a completion is pushed the way A_i says, more on
+      the segments with high credit; a bad completion's blame falls most on its low-credit
+      segments (and a segment far above the mean can turn positive). A zero A_i gives zeros.
+    * `additive`: g_i = 1, potential-style shaping in A_i's units per unit of credit; even a
+      completion with A_i = 0 (a flat group) moves credit between its tokens.
+
+    `credit_scale` s is fixed (the reward's scale, 1.0 for NDCG or recall), never the
+    completion's own credit spread, so a credit change of delta moves a token's advantage by
+    at most strength * g_i * max(m) * delta / s: continuous, and uniform credit gives exactly
+    A_i on every token. Uncovered tokens (m_t = 0, or a non-finite credit) keep A_i.
+
+    credit, covered: (T,); mass: (T,) m_t (`token_mass`; None: 1 per covered token).
+    Returns (T,) float32, computed in float64.
+    """
+    _check_choice("weighting", mode, SHIFT_WEIGHTINGS)
+    if not credit_scale > 0:
+        raise ValueError(f"credit_scale must be positive, got {credit_scale}")
+    c = torch.as_tensor(credit).to(torch.float64).reshape(-1)  # (T,)
+    cov = torch.as_tensor(covered).to(torch.bool).reshape(-1) & torch.isfinite(c)  # (T,)
+    if cov.shape != c.shape:
+        raise ValueError(f"credit has shape {tuple(c.shape)} but covered {tuple(cov.shape)}")
+    m = cov.to(torch.float64) if mass is None else torch.as_tensor(mass).to(torch.float64)
+    m = torch.where(cov, m.reshape(-1), torch.zeros_like(c))  # (T,)
+    out = torch.full(c.shape, float(advantage), dtype=torch.float64)  # (T,)
+    if not m.sum() > 0:
+        return out.to(torch.float32)
+    c = torch.where(cov, c, torch.zeros_like(c))
+    cbar = (m * c).sum() / m.sum()
+    gain = abs(float(advantage)) if mode == "relative" else 1.0
+    out += strength * gain * m * (c - cbar) / credit_scale
+    return out.to(torch.float32)
 
 
 # 4. Redistribution --------------------------------------------------------------------------
@@ -359,10 +447,12 @@ class GRPO:
 class OSPO:
     """Segment-level credit by potential-based redistribution (docs/design.md sections 2.6-2.8).
 
-    Per completion: GRPO's A_i, then token_credit -> credit_weights -> redistribute over the
-    valid tokens, so the mean token advantage stays A_i. A completion falls back to GRPO's
-    uniform A_i when it has no segments, or its phi is missing, all zero or
-    not finite. With `clip_kappa`, token advantages are clipped (after redistribution, on every
+    Per completion: GRPO's A_i, then token_credit and token_mass, then either
+    `shift_advantages` (weighting `relative` or `additive`, continuous in the credit) or
+    credit_weights -> redistribute (the min-max weightings `prop`, `rank`, `hybrid`,
+    `signed`), over the valid tokens, so the mean token advantage stays A_i. A completion
+    falls back to GRPO's uniform A_i when it has no segments, or its phi is missing (no credit
+    was computed, e.g. a gated completion), all zero or not finite. With `clip_kappa`, token advantages are clipped (after redistribution, on every
     row) to +-clip_kappa * std of the batch's A_i (unbiased std; skipped when it is undefined);
     clipping may break the exact mean. Returns the (N, T) advantages and GRPO's stats
     (cos_to_grpo after clipping) plus frac_fallback and frac_clipped. Needs the segment credit
@@ -379,20 +469,31 @@ class OSPO:
         self,
         scale: str = "group",
         eps: float = 1e-4,
-        weighting: str = "hybrid",
+        weighting: str = "relative",
         alpha: float = 0.7,
         clip_kappa: float | None = None,
+        strength: float = 4.0,
+        credit_scale: float = 1.0,
+        mass: str = "token",
     ):
         _check_choice("scale", scale, SCALES)
         _check_choice("weighting", weighting, WEIGHTINGS)
+        _check_choice("mass", mass, MASSES)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        if not strength >= 0:
+            raise ValueError(f"strength must be >= 0, got {strength}")
+        if not credit_scale > 0:
+            raise ValueError(f"credit_scale must be positive, got {credit_scale}")
         _check_kappa(clip_kappa)
         self.scale = scale
         self.eps = eps
         self.weighting = weighting
         self.alpha = alpha
         self.clip_kappa = clip_kappa
+        self.strength = strength
+        self.credit_scale = credit_scale
+        self.mass = mass
 
     def __call__(
         self,
@@ -441,11 +542,25 @@ class OSPO:
                 out[i, pos] = a
                 fallbacks += 1
                 continue
-            credit, covered = token_credit(token_spans[i], seg_spans, phi)  # (T_i,), (T_i,)
-            u = credit_weights(credit, covered, self.weighting, self.alpha, a)  # (T_i,)
-            out[i, pos] = redistribute(a, u)
+            out[i, pos] = self.token_advantages(a, token_spans[i], seg_spans, phi)
         out, stats = _clip_and_stats(out, valid, r, adv, group_size, fallbacks, self.clip_kappa)
         return out.to(mask.device), stats
+
+    def token_advantages(self, a: float, token_spans, seg_spans, phi: np.ndarray) -> Tensor:
+        """A_{i,t} of one completion's valid tokens from its A_i and segment credit.  # (T_i,)"""
+        segment, covered = token_segments(token_spans, seg_spans)  # (T_i,), (T_i,)
+        credit = np.where(covered, phi[segment], 0.0)  # (T_i,)
+        mass = token_mass(segment, covered, self.mass)  # (T_i,)
+        if self.weighting in SHIFT_WEIGHTINGS:
+            return shift_advantages(
+                a, credit, covered, self.weighting, self.strength, self.credit_scale, mass
+            )
+        u = credit_weights(credit, covered, self.weighting, self.alpha, a).to(torch.float64)
+        if self.mass != "token":  # a segment's weight spread over its tokens
+            cov = torch.from_numpy(covered)
+            u[cov] = u[cov] * mass[cov]
+            u[~cov] = u[cov].mean()
+        return redistribute(a, u)
 
     def transform_phis(self, phis: Sequence) -> Sequence:
         """The segment credits the redistribution uses, one entry (n_i,) or None per completion.
@@ -470,12 +585,15 @@ class RandomCredit(OSPO):
         self,
         scale: str = "group",
         eps: float = 1e-4,
-        weighting: str = "hybrid",
+        weighting: str = "relative",
         alpha: float = 0.7,
         clip_kappa: float | None = None,
+        strength: float = 4.0,
+        credit_scale: float = 1.0,
+        mass: str = "token",
         seed: int = 0,
     ):
-        super().__init__(scale, eps, weighting, alpha, clip_kappa)
+        super().__init__(scale, eps, weighting, alpha, clip_kappa, strength, credit_scale, mass)
         self.seed = seed
         self.rng = np.random.default_rng(seed)
 

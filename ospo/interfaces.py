@@ -38,6 +38,9 @@ class Retriever(Protocol):
     def score(self, texts: Sequence[str]) -> np.ndarray:
         """Scores of every product for each text: (len(texts), D)."""
 
+    def reads(self, text: str) -> bool:
+        """Whether a query's score depends on `text` (only such spans become players)."""
+
     def clear_cache(self) -> None:
         """Forget cached per-term vectors or embeddings."""
 
@@ -75,8 +78,9 @@ class Segmenter(Protocol):
 
     max_segments: int | None  # players are merged past this many
 
-    def __call__(self, text: str) -> Segmentation:
-        """Character spans of the players and their partition into unions."""
+    def __call__(self, text: str, reads: Callable[[str], bool] | None = None) -> Segmentation:
+        """Character spans of the players and their partition into unions; with `reads`,
+        only spans for which it is true are players (the rest of the text is context)."""
 
 
 @runtime_checkable

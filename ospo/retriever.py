@@ -99,6 +99,12 @@ class _Retriever:
                 f"{type(self).__name__} has no index: call .index(catalog) before scoring"
             )
 
+    def reads(self, text: str) -> bool:
+        """Whether the score of a query depends on `text`: it holds a word :func:`tokenize`
+        keeps (stop words and punctuation alone are not read). Segmenters make only such
+        spans players."""
+        return bool(tokenize(text))
+
     def segment_scores(self, texts: Sequence[str]) -> np.ndarray:
         raise NotImplementedError(
             f"{type(self).__name__} is not additive over query segments (additive=False): "
@@ -571,6 +577,10 @@ class Dense(_Retriever):
             h.update(text.encode())
             h.update(b"\0")
         return Path(self.index_cache) / f"dense_{h.hexdigest()[:16]}.npy"
+
+    def reads(self, text: str) -> bool:
+        """The encoder reads every word, stop words included."""
+        return bool(text.strip())
 
     def clear_cache(self) -> None:
         """Drop the cached query embeddings."""

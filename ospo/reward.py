@@ -6,12 +6,16 @@ catalog; NDCG's ideal DCG and Recall's denominator use ALL of the sample's judge
 (see :mod:`ospo.metrics`), ties in the ranking go to the lower catalog column.
 
 Coalition values for attribution (docs/design.md sections 2.4 and 3), v(S) = reward of
-``base_text`` followed by the kept segments of S:
+``base_text`` followed by the completion with the players outside S taken out
+(``Segmentation.coalition_text``): glue words, punctuation and unread words stay in every
+coalition as context, so v(all players) is the reward of the completion's own query and the
+credits add up to it minus v(empty):
 
 * additive retrievers (BM25 family): the score row of S is
-  ``base_row + sum_{j in S} segment_row_j`` (segment rows from ``retriever.segment_scores``,
-  computed once per completion), so a whole (K, n) mask batch costs one masked sum and one
-  top-k, with no retrieval per coalition. Columns that are identical in the base row and in
+  ``base_row + sum_{j in S} segment_row_j``, where the base row scores ``base_text`` plus the
+  context and the segment rows come from ``retriever.segment_scores`` (computed once per
+  completion), so a whole (K, n) mask batch costs one masked sum and one top-k, with no
+  retrieval per coalition. Columns that are identical in the base row and in
   every segment row (documents matching no query term) score the same in every coalition and,
   with ties broken by column order, only the first k of them can reach the top k; the rest are
   dropped before the sum.
@@ -296,11 +300,12 @@ class Reward:
     def coalition_value_fn(
         self, text: str, segmentation: Any, sample: Any, base_text: str = ""
     ) -> ValueFn:
-        """value_fn(masks (K, n) bool) -> (K,) rewards of ``base_text`` + kept segments.
+        """value_fn(masks (K, n) bool) -> (K,) rewards of ``base_text`` + the coalition's text.
 
-        ``segmentation.spans`` index into ``text``; the kept text of a mask row is
-        ``segmentation.join(text, mask)``; the coalition's query is
-        :func:`join_texts` (base_text, kept).
+        ``segmentation.spans`` index into ``text``; the text of a mask row is
+        ``segmentation.coalition_text(text, mask)`` (the players outside it taken out, the
+        context kept); the coalition's query is :func:`join_texts` (base_text, that text), so
+        with ``base_text = sample.prefix`` the full coalition's query is :func:`query_text`.
         """
         n = len(segmentation.spans)
         judged = self.judgements(sample)
@@ -314,7 +319,7 @@ class Reward:
             masks = np.asarray(masks, dtype=bool)
             if masks.ndim != 2 or masks.shape[1] != n:
                 raise ValueError(f"masks must have shape (K, {n}), got {masks.shape}")
-            queries = [join_texts(base_text, segmentation.join(text, m)) for m in masks]
+            queries = [join_texts(base_text, segmentation.coalition_text(text, m)) for m in masks]
             values = np.zeros(len(queries), dtype=np.float64)  # (K,)
             todo = []
             for i, q in enumerate(queries):
@@ -335,9 +340,11 @@ class Reward:
     def _additive_values(
         self, text: str, segmentation: Any, judged: Judgements, base_text: str
     ) -> Callable[[np.ndarray, list[str]], np.ndarray]:
-        """Masked sums of [base row; segment rows] over the columns that can reach the top k."""
+        """Masked sums of [base row; segment rows] over the columns that can reach the top k.
+        The base row scores ``base_text`` and the context (the empty coalition's text)."""
         segments = segmentation.texts(text)
-        rows = self.retriever.segment_scores([base_text, *segments])  # (n+1, D)
+        context = join_texts(base_text, segmentation.coalition_text(text, [False] * len(segments)))
+        rows = self.retriever.segment_scores([context, *segments])  # (n+1, D)
         rows = self._restrict(rows, judged)  # (n+1, P)
         # columns equal to the row-wise minimum everywhere score identically in every
         # coalition; keep only the first k of them (ties go to the lower column)

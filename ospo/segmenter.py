@@ -15,7 +15,7 @@ from __future__ import annotations
 import heapq
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,12 +80,28 @@ class Segmentation:
         """The segment strings."""
         return [text[s:e] for s, e in self.spans]
 
-    def join(self, text: str, mask) -> str:
-        """The kept segments (mask[j] true) in their original order, joined by one space."""
+    def coalition_text(self, text: str, mask) -> str:
+        """`text` with the players outside the coalition (mask[j] false) taken out.
+
+        Everything else stays: the kept players, and the context between players (glue words,
+        punctuation, words the retriever does not read, text outside the answer region), so
+        the full coalition is `text` itself and a coalition's query holds every word of the
+        reward's query but the dropped players. Each cut joins the text on either side with one
+        space; player spans end at word boundaries, so no two words run together and the
+        retriever's tokens of the result are the context's plus the kept players'.
+        """
         keep = np.asarray(mask, dtype=bool).reshape(-1)
         if keep.shape[0] != self.n:
             raise ValueError(f"mask has {keep.shape[0]} entries, expected n={self.n}")
-        return " ".join(text[s:e] for (s, e), k in zip(self.spans, keep, strict=True) if k)
+        if keep.all():
+            return text
+        pieces, pos = [], 0
+        for (s, e), k in zip(self.spans, keep, strict=True):
+            if not k:
+                pieces.append(text[pos:s])
+                pos = e
+        pieces.append(text[pos:])
+        return " ".join(p.strip() for p in pieces if p and not p.isspace())
 
 
 EMPTY = Segmentation(spans=[], unions=[])
@@ -184,6 +200,22 @@ def _check_cap(max_segments: int | None) -> int | None:
     return max_segments
 
 
+Reads = Callable[[str], bool]  # does the retriever read anything in this text?
+
+
+def _read_players(
+    text: str, spans: list[tuple[int, int]], union_ids: list[int], reads: Reads | None
+) -> tuple[list[tuple[int, int]], list[int]]:
+    """Keep the spans in which `reads` finds a word (all of them when `reads` is None).
+
+    A span the retriever does not read ("the", "my") has value 0 in every coalition; as a
+    player it would only double the coalitions and take blame, so it stays context."""
+    if reads is None:
+        return spans, union_ids
+    keep = [j for j, (s, e) in enumerate(spans) if reads(text[s:e])]
+    return [spans[j] for j in keep], [union_ids[j] for j in keep]
+
+
 # ----------------------------------------------------------------------------- phrases
 
 # Words whose "." does not end a sentence (compared case-folded, without the final ".").
@@ -268,7 +300,9 @@ class PhraseSegmenter:
             GLUE_WORDS if glue_words is None else frozenset(w.casefold() for w in glue_words)
         )
 
-    def __call__(self, text: str) -> Segmentation:
+    def __call__(self, text: str, reads: Reads | None = None) -> Segmentation:
+        """Players and unions of `text`; with `reads` (the training retriever's
+        `Retriever.reads`), only spans it reads are players, before the cap is applied."""
         a, b = answer_span(text, self.answer_tag)
         if a >= b:
             return EMPTY
@@ -304,6 +338,7 @@ class PhraseSegmenter:
                     union += 1
             last_word = ""
         close_phrase()
+        spans, union_ids = _read_players(text, spans, union_ids, reads)
         return merge_to_cap(spans, union_ids, self.max_segments)
 
 
@@ -370,7 +405,9 @@ class SentenceSegmenter:
             i -= 1
         return line[i:dot].casefold() in _ABBREVIATIONS
 
-    def __call__(self, text: str) -> Segmentation:
+    def __call__(self, text: str, reads: Reads | None = None) -> Segmentation:
+        """Players and unions of `text`; with `reads`, only sentences the retriever reads are
+        players (see `PhraseSegmenter.__call__`)."""
         a, b = answer_span(text, self.answer_tag)
         if a >= b:
             return EMPTY
@@ -391,4 +428,5 @@ class SentenceSegmenter:
                     spans.append((offset + s, offset + e))
                     union_ids.append(union)
             offset += len(line) + 1
+        spans, union_ids = _read_players(text, spans, union_ids, reads)
         return merge_to_cap(spans, union_ids, self.max_segments)

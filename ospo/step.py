@@ -111,7 +111,7 @@ class Credit:
     """Segment credit of a batch of completions and what it cost."""
 
     segmentations: list = field(default_factory=list)  # one Segmentation per completion
-    phis: list[np.ndarray] = field(default_factory=list)  # one (n_i,) array per completion
+    phis: list[np.ndarray | None] = field(default_factory=list)  # (n_i,) each; None: no credit
     coalitions: int = 0  # coalitions scored, summed over completions
     seconds: float = 0.0
 
@@ -128,21 +128,36 @@ def compute_credit(
     attribution: Attribution,
     reward: Reward,
     keep_query: bool,
+    scored: Sequence[bool] | None = None,
 ) -> Credit:
     """Segment each completion and attribute its reward to the segments.
 
-    v(S) is the reward of the kept segments of S after `coalition_base` (the request in the
-    append format or with `keep_query`, so v(empty) is the request's own reward; else "").
-    Each completion's coalitions are scored in one batched call (`reward.coalition_value_fn`).
+    Players are the spans the training retriever reads (`reward.retriever.reads`). v(S) is the
+    reward of `coalition_base` (the request in the append format or with `keep_query`, else "")
+    followed by the completion with the players outside S taken out, every other word kept as
+    context (`Segmentation.coalition_text`). So v(all) is the completion's retrieval reward and
+    sum(phi) = r - v(empty), except with `keep_query` in the rewrite format, whose base the
+    reward's query does not hold. Each completion's coalitions are scored in one batched call
+    (`reward.coalition_value_fn`).
+
+    `scored` (N,) False marks a completion that gets no credit: its phi is None, no coalition
+    is scored, and the estimators give it the sequence advantage A_i. The step passes the
+    format check's verdict when the gate is on: a gated completion's reward is
+    `invalid_reward` whatever its words retrieve, so its failure (too long, no EOS) belongs to
+    the whole sequence and no word's retrieval value explains it.
     """
     t0 = time.perf_counter()
     credit = Credit()
-    for text, sample in zip(texts, samples, strict=True):
-        seg = segmenter(text)
+    reads = getattr(reward.retriever, "reads", None)
+    for i, (text, sample) in enumerate(zip(texts, samples, strict=True)):
+        seg = segmenter(text, reads=reads)
+        credit.segmentations.append(seg)
+        if scored is not None and not scored[i]:
+            credit.phis.append(None)
+            continue
         base = coalition_base(sample, keep_query)
         value_fn = CountingValueFn(reward.coalition_value_fn(text, seg, sample, base_text=base))
         phi = attribution(value_fn, seg.unions)  # (n_i,)
-        credit.segmentations.append(seg)
         credit.phis.append(np.asarray(phi, dtype=np.float64))
         credit.coalitions += value_fn.rows
     credit.seconds = time.perf_counter() - t0
@@ -325,6 +340,7 @@ class RLStep:
                 self.attribution,
                 self.reward,
                 self.baseline.keep_query,
+                scored=ok if self.invalid_reward is not None else None,
             )
             extra = {
                 "token_spans": ro.token_spans,

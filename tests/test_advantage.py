@@ -15,6 +15,7 @@ from ospo.advantage import (
     GRPO,
     NEGATIVES,
     OSPO,
+    MIN_MAX_WEIGHTINGS,
     WEIGHTINGS,
     EntropyCredit,
     RandomCredit,
@@ -171,7 +172,7 @@ def test_credit_weights_signed():
     torch.testing.assert_close(_weights("signed", advantage=-0.5), expected)
 
 
-@pytest.mark.parametrize("mode", WEIGHTINGS)
+@pytest.mark.parametrize("mode", MIN_MAX_WEIGHTINGS)
 def test_credit_weights_degenerate(mode):
     cov = torch.tensor([True, False, True])
     assert torch.equal(credit_weights(torch.tensor([0.4, 9.0, 0.4]), cov, mode), torch.ones(3))

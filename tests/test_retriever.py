@@ -264,7 +264,7 @@ def test_held_out_sparse_retrievers_inside_ndcg_reward(make):
     masks = np.array([[(i >> j) & 1 for j in range(4)] for i in range(16)], dtype=bool)  # (16, 4)
     reward = NDCG(retriever, k=10)
     values = reward.coalition_value_fn(text, segmentation, sample, base_text="hat")(masks)
-    texts = [join_texts("hat", segmentation.join(text, m)) for m in masks]
+    texts = [join_texts("hat", segmentation.coalition_text(text, m)) for m in masks]
     expected = NDCG(retriever, k=10).score_texts(texts, [sample] * len(texts))
     np.testing.assert_allclose(values, expected, atol=1e-12)
     assert values.max() > 0

@@ -69,7 +69,7 @@ def test_value_fn_batch_equals_one_by_one(bm25, reward_cls, pool, base_text):
     values = reward.coalition_value_fn(text, segmentation, s, base_text=base_text)(masks)
     assert values.shape == (len(masks),)
     fresh = reward_cls(bm25, k=5)  # no shared memo
-    queries = [join_texts(base_text, segmentation.join(text, m)) for m in masks]
+    queries = [join_texts(base_text, segmentation.coalition_text(text, m)) for m in masks]
     one_by_one = np.array([fresh.score_texts([q], [s])[0] for q in queries])
     np.testing.assert_allclose(values, one_by_one, atol=1e-12)
     assert values.max() > 0  # the game is not trivial
@@ -92,7 +92,7 @@ def test_value_fn_with_other_additive_retriever_and_memo():
     np.testing.assert_array_equal(value_fn(masks[::-1]), values[::-1])  # from the memo
     reward.clear_cache()
     assert not reward._memo
-    expected = [NDCG(retriever).score_texts([segmentation.join(text, m)], [s])[0] for m in masks]
+    expected = [NDCG(retriever).score_texts([segmentation.coalition_text(text, m)], [s])[0] for m in masks]
     np.testing.assert_allclose(values, expected, atol=1e-12)
 
 
@@ -114,7 +114,7 @@ def test_value_fn_large_catalog(method, num_docs, vocab_size):
     values = NDCG(retriever).coalition_value_fn(text, segmentation, s, base_text="w1")(masks)
     fresh = NDCG(retriever)
     expected = [
-        fresh.score_texts([join_texts("w1", segmentation.join(text, m))], [s])[0] for m in masks
+        fresh.score_texts([join_texts("w1", segmentation.coalition_text(text, m))], [s])[0] for m in masks
     ]
     np.testing.assert_allclose(values, expected, atol=1e-12)
     assert values.max() > 0
@@ -207,6 +207,6 @@ def test_dense_value_fn_equals_one_by_one(dense_toy):
     values = reward.coalition_value_fn(text, segmentation, s, base_text="winter")(masks)
     fresh = NDCG(dense, k=3)
     expected = [
-        fresh.score_texts([join_texts("winter", segmentation.join(text, m))], [s])[0] for m in masks
+        fresh.score_texts([join_texts("winter", segmentation.coalition_text(text, m))], [s])[0] for m in masks
     ]
     np.testing.assert_allclose(values, expected, atol=1e-12)

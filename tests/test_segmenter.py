@@ -47,11 +47,36 @@ def test_segmentation_helpers():
     seg = Segmentation(spans=[(0, 9), (16, 23)], unions=[[0, 1]])
     assert seg.n == 2
     assert seg.texts(text) == ["red dress", "pockets"]
-    assert seg.join(text, [True, True]) == "red dress pockets"
-    assert seg.join(text, np.array([False, True])) == "pockets"
-    assert seg.join(text, [False, False]) == ""
+    # the context (", with") stays in every coalition; the full coalition is the text itself
+    assert seg.coalition_text(text, [True, True]) == text
+    assert seg.coalition_text(text, np.array([False, True])) == ", with pockets"
+    assert seg.coalition_text(text, [True, False]) == "red dress, with"
+    assert seg.coalition_text(text, [False, False]) == ", with"
     with pytest.raises(ValueError, match="mask has 3 entries"):
-        seg.join(text, [True, True, False])
+        seg.coalition_text(text, [True, True, False])
+
+
+def test_coalition_text_keeps_words_apart_and_tokens_add_up():
+    """Cutting a player never glues two words together: the retriever's tokens of every
+    coalition text are the context's plus the kept players', on texts with glue words,
+    punctuation, stop words and text outside the answer tags."""
+    from ospo.retriever import tokenize
+
+    texts = [
+        "wheels backpack under 100",
+        "a warm jacket for the kids, with hood; size 10/12",
+        "<answer>red t-shirt (cotton) without print</answer> thanks",
+        "  leading and trailing  ",
+    ]
+    rng = np.random.default_rng(0)
+    for text in texts:
+        seg = PhraseSegmenter(max_segments=None)(text)
+        context = tokenize(seg.coalition_text(text, np.zeros(seg.n, dtype=bool)))
+        for _ in range(20):
+            mask = rng.random(seg.n) < 0.5
+            kept = [w for t, k in zip(seg.texts(text), mask, strict=True) if k for w in tokenize(t)]
+            got = tokenize(seg.coalition_text(text, mask))
+            assert sorted(got) == sorted(context + kept), (text, mask)
 
 
 @pytest.mark.parametrize(
