@@ -13,16 +13,25 @@ credit, and for each one the table reports:
   `credit/cos_to_grpo`);
 * `row_mean_err`: max over completions of |mean_t A_{i,t} - A_i| (0 when the shaping keeps
   which completion is better; clipping breaks it);
-* `lift+`: in completions with A_i > 0, mean advantage on tokens of intent words over the mean
-  on the other word tokens (> 1: the push goes to the right words);
-* `blame-`: in completions with A_i < 0, mean |advantage| on tokens of non-intent words over
-  the mean on intent-word tokens (> 1: the blame goes to the wrong words).
+* `gap+`: in completions with A_i > 0, (mean advantage on tokens of intent words - mean on
+  the other word tokens) / |A_i| (> 0: the push goes to the right words);
+* `gap-`: the same in completions with A_i < 0 (> 0: the blame goes to the other words);
+* `jitter`: max over tokens of |A_{i,t}(phi + noise) - A_{i,t}(phi)| / |A_i|, the noise uniform
+  in +-1e-5 (far below what a retriever tells apart): how much a credit difference at noise
+  level moves the advantages (continuous weightings: about 4e-5; min-max ones: up to 2).
 
 Intent words are the request's latent-intent words (embedded task only). Players are compared
 too: one word per player (default), runs of up to two words (`max_phrase_words=2`), whole
 phrases (`max_phrase_words=null`) and sentences (`segmenter=sentence`); a table gives the
 players per completion of each, and the share of completions with a single player, where every
 weighting gives GRPO's advantages exactly.
+
+Credit is computed as the step computes it: players are the words the training retriever reads,
+coalitions keep the rest of the completion as context, and completions the format gate zeroed
+get no credit (their A_i stays uniform). A last table counts the coalitions per batch of three
+games: every word a player and every completion scored (the game before players were the words
+the retriever reads), players the retriever reads, and that without the gated completions (the
+step's game).
 
 Last line: ``credit_cos_to_grpo=<default OSPO config's cosine on these rollouts>``.
 
@@ -64,12 +73,15 @@ from ospo.step import PromptSchedule, Sampling, compute_credit, score, step_seed
 SETTINGS: list[tuple[str, dict]] = [
     ("prop", {"weighting": "prop"}),
     ("rank", {"weighting": "rank"}),
-    ("hybrid a=0.7 clip 2", {"weighting": "hybrid", "alpha": 0.7, "clip_kappa": 2.0}),
     ("hybrid a=0.7", {"weighting": "hybrid", "alpha": 0.7}),
-    ("signed a=0.7 clip 2", {"weighting": "signed", "alpha": 0.7, "clip_kappa": 2.0}),
     ("signed a=0.7", {"weighting": "signed", "alpha": 0.7}),
-    ("signed a=1.0", {"weighting": "signed", "alpha": 1.0}),
+    ("signed a=1.0 (previous default)", {"weighting": "signed", "alpha": 1.0}),
+    ("signed a=1.0 mass=segment", {"weighting": "signed", "alpha": 1.0, "mass": "segment"}),
+    *[(f"relative l={x:g}", {"weighting": "relative", "strength": x}) for x in (1, 2, 4, 8)],
+    ("relative l=4 mass=segment", {"weighting": "relative", "strength": 4.0, "mass": "segment"}),
+    *[(f"additive l={x:g}", {"weighting": "additive", "strength": x}) for x in (1, 2, 4)],
 ]
+JITTER = 1e-5  # credit noise of the `jitter` column
 
 
 def intent_masks(texts, samples, segmentations, token_spans) -> list[np.ndarray]:
@@ -85,29 +97,42 @@ def intent_masks(texts, samples, segmentations, token_spans) -> list[np.ndarray]
 
 
 def shape_metrics(adv: torch.Tensor, a: torch.Tensor, mask: torch.Tensor, labels) -> dict:
-    """cos_to_grpo, row_mean_err, lift+ and blame- of advantages (N, T) (see the docstring)."""
+    """cos_to_grpo, row_mean_err, gap+ and gap- of advantages (N, T) (see the docstring)."""
     valid = mask.bool()
     row_err = max(
         abs(float(adv[i][valid[i]].mean()) - float(a[i])) for i in range(len(a)) if valid[i].any()
     )
-    lift, blame = [], []
+    gaps: dict[bool, list[float]] = {True: [], False: []}
     for i, lab in enumerate(labels):
         row = adv[i][valid[i]].numpy()  # (T_i,)
         good, bad = row[lab > 0], row[lab < 0]
-        if not len(good) or not len(bad) or a[i] == 0:
-            continue
-        if a[i] > 0 and bad.mean() != 0:
-            lift.append(good.mean() / bad.mean())
-        elif a[i] < 0 and good.mean() != 0:
-            blame.append(np.abs(bad).mean() / np.abs(good).mean())
+        if len(good) and len(bad) and a[i] != 0:
+            gaps[bool(a[i] > 0)].append((good.mean() - bad.mean()) / abs(float(a[i])))
     return {
         "cos_to_grpo": cos_to_grpo(adv, a, mask),
         "row_mean_err": row_err,
-        "lift+": float(np.median(lift)) if lift else float("nan"),
-        "blame-": float(np.median(blame)) if blame else float("nan"),
-        "n_lift": len(lift),
-        "n_blame": len(blame),
+        "gap+": float(np.median(gaps[True])) if gaps[True] else float("nan"),
+        "gap-": float(np.median(gaps[False])) if gaps[False] else float("nan"),
     }
+
+
+def jitter(estimator, r, G, mask, extra, rng) -> float:
+    """max_(i,t) |A_it(phi + U(-JITTER, JITTER)) - A_it(phi)| / |A_i| over A_i != 0."""
+    adv, _ = estimator(r, G, mask, **extra)
+    noisy = [
+        None if p is None else p + rng.uniform(-JITTER, JITTER, p.shape) for p in extra["phis"]
+    ]
+    moved, _ = estimator(r, G, mask, **{**extra, "phis": noisy})
+    a = group_advantages(r, G)  # (N,)
+    keep = a != 0
+    if not keep.any():
+        return 0.0
+    return float(((moved - adv).abs().amax(1)[keep] / a[keep].abs()).max())
+
+
+def every_word(segmenter):
+    """The segmenter without the retriever's `reads`: every word a player."""
+    return lambda text, reads=None: segmenter(text)
 
 
 def main(argv=None) -> None:
@@ -140,6 +165,8 @@ def main(argv=None) -> None:
     counts: dict[str, list[int]] = {pname: [] for pname in players}  # players per completion
     rows: dict[tuple[str, str], list[dict]] = {}
     default_cos = []
+    games = {"every word, all completions": [], "read words, all": [], "the step's game": []}
+    rng = np.random.default_rng(args.seed)
     for step in range(args.batches):
         prompts = schedule(step)
         samples = [s for s in prompts for _ in range(G)]
@@ -149,8 +176,15 @@ def main(argv=None) -> None:
         r, _ = score(reward, ro.texts, samples, ok, cfg.rl.invalid_reward)  # (N,)
         a = group_advantages(r, G)  # (N,)
         mask = ro.completion_mask
+        gated = ok if cfg.rl.invalid_reward is not None else None
+        keep_query = baseline.keep_query
+        for game, seg, scored in zip(
+            games, (every_word(segmenter), segmenter, segmenter), (None, None, gated), strict=True
+        ):
+            credit = compute_credit(ro.texts, samples, seg, attribution, reward, keep_query, scored)
+            games[game].append(credit.coalitions)
         for pname, seg in players.items():
-            credit = compute_credit(ro.texts, samples, seg, attribution, reward, True)
+            credit = compute_credit(ro.texts, samples, seg, attribution, reward, keep_query, gated)
             counts[pname] += list(credit.segments)
             labels = intent_masks(ro.texts, samples, credit.segmentations, ro.token_spans)
             extra = {
@@ -159,10 +193,14 @@ def main(argv=None) -> None:
                 "phis": credit.phis,
             }
             grpo, _ = GRPO()(r, G, mask)
-            rows.setdefault((pname, "grpo"), []).append(shape_metrics(grpo, a, mask, labels))
+            rows.setdefault((pname, "grpo"), []).append(
+                {**shape_metrics(grpo, a, mask, labels), "jitter": 0.0}
+            )
             for name, kw in SETTINGS:
                 adv, _ = OSPO(**kw)(r, G, mask, **extra)
-                rows.setdefault((pname, name), []).append(shape_metrics(adv, a, mask, labels))
+                metrics = shape_metrics(adv, a, mask, labels)
+                metrics["jitter"] = jitter(OSPO(**kw), r, G, mask, extra, rng)
+                rows.setdefault((pname, name), []).append(metrics)
             if seg is segmenter:
                 players_n = credit.segments
                 adv, _ = baseline.advantage(r, G, mask, **extra)
@@ -173,18 +211,23 @@ def main(argv=None) -> None:
         )
 
     print(f"\n{args.batches} batches of {cfg.rl.prompts_per_step} x {G}; default: {baseline}")
-    print("| players | weighting | cos_to_grpo | row_mean_err | lift+ | blame- |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| players | weighting | cos_to_grpo | row_mean_err | gap+ | gap- | jitter |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for (pname, name), ms in rows.items():
         mean = {k: float(np.nanmean([m[k] for m in ms])) for k in ms[0]}
+        worst = max(m["jitter"] for m in ms)
         print(
             f"| {pname} | {name} | {mean['cos_to_grpo']:.3f} | {mean['row_mean_err']:.3f} | "
-            f"{mean['lift+']:.2f} | {mean['blame-']:.2f} |"
+            f"{mean['gap+']:.2f} | {mean['gap-']:.2f} | {worst:.1e} |"
         )
     print("\n| players | per completion (mean) | completions with one player |")
     print("|---|---:|---:|")
     for pname, n in counts.items():
         print(f"| {pname} | {np.mean(n):.2f} | {np.mean(np.asarray(n) == 1):.0%} |")
+    print("\n| game | coalitions per batch (mean) |")
+    print("|---|---:|")
+    for game, n in games.items():
+        print(f"| {game} | {np.mean(n):,.0f} |")
     print(f"credit_cos_to_grpo={float(np.mean(default_cos)):.3f}")
 
 

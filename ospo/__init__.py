@@ -7,6 +7,7 @@ section 4 the data flow of one step):
     interfaces     Protocols: Retriever, Reward, Segmenter, Attribution, AdvantageEstimator
     io             atomic writes (files and folders)
     config         resolvers, compose_config, validate, config_hash
+    provenance     how a run was made: overrides, resolved config, commit, versions
     data/          Sample, Dataset; shop (embedded), esci, hm
     format         what counts as a well-formed query
     segmenter      completion -> players (spans) and unions

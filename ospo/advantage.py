@@ -171,7 +171,10 @@ def token_mass(segment, covered, mode: str = "token") -> Tensor:
     * `segment`: m_t = (T_cov / n_cov) / k_j for token t of segment j (k_j its tokens, n_cov the
                  segments with a covered token): every segment, whatever its token count,
                  carries the same total mass, so the segment (a word, under the default
-                 segmenter) is the unit of credit.
+                 segmenter) is the unit of credit. The continuous weightings scale their
+                 credit-driven shift by m_t (a segment's tokens together move as much as a
+                 one-token segment of the same credit); the min-max ones scale the weight
+                 u_t (a segment's tokens together carry one token's share of A_i).
 
     segment, covered: (T,) from `token_segments`. Returns m (T,) float64.
     """

@@ -10,13 +10,16 @@ run's state in the checkpoint.
 from __future__ import annotations
 
 import copy
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
 from pytorch_lightning.loggers import WandbLogger
 from torch.utils.data import DataLoader, Dataset
 
@@ -34,6 +37,32 @@ from ospo.step import (
 
 if TYPE_CHECKING:  # built by ospo.evaluate (a layer above), passed in by ospo.rl
     from ospo.evaluate import GreedyEvaluator
+
+_log = logging.getLogger("ospo")
+
+
+# ------------------------------------------------------------ credit diagnostics
+def informative_pair(cos: float, frac_reward_zero_std: float) -> tuple[float, float]:
+    """One rank's share of a step's `credit/cos_to_grpo`: `(cos, 1.0)` when at least one of its
+    groups had unequal rewards, `(0.0, 0.0)` when every group was flat (all advantages 0, so
+    the estimator's cosine is 1 by convention and says nothing about the credit)."""
+    flag = 1.0 if frac_reward_zero_std < 1.0 else 0.0
+    return cos * flag, flag
+
+
+def pooled_mean(pairs: Iterable[tuple[float, float]]) -> float | None:
+    """`sum(s) / sum(c)` over `(s, c)` pairs, e.g. the ranks' `informative_pair`s; None when no
+    pair counts (no informative rank), never a made-up 1.0."""
+    pairs = list(pairs)
+    count = sum(c for _, c in pairs)
+    return sum(s for s, _ in pairs) / count if count > 0 else None
+
+
+def rank_rng(seed: int, rank: int) -> np.random.Generator:
+    """The random stream of process `rank` for a component seeded with `seed`: rank 0 keeps
+    `default_rng(seed)` (one process draws what it always drew), rank r > 0 draws from
+    `default_rng([seed, r])`, so data-parallel ranks do not repeat each other's draws."""
+    return np.random.default_rng(seed if rank == 0 else [seed, rank])
 
 
 class _Steps(Dataset):
@@ -96,7 +125,10 @@ class RLModule(pl.LightningModule):
         self.strict_loading = False
         self.rollout_step = 0
         self.val_history: list[dict[str, float]] = []
-        self.cos_to_grpo: list[float] = []  # credit/cos_to_grpo of each rollout step
+        # credit/cos_to_grpo of each informative rollout step (a group with unequal rewards on
+        # some rank), averaged over the ranks that had one; the same list on every rank
+        self.cos_to_grpo: list[float] = []
+        self._rank_streams_seeded = False
         self.wall_start = time.perf_counter()
         self.wall_offset = 0.0
         self._val_outputs: list[dict[str, Any]] = []
@@ -113,6 +145,22 @@ class RLModule(pl.LightningModule):
         )
         if self.ref_policy is not None:
             self.ref_policy.requires_grad_(False).eval()
+        self._seed_rank_streams(self.global_rank)
+
+    def _seed_rank_streams(self, rank: int) -> None:
+        """Give rank r > 0 its own random streams (`rank_rng`): the configs seed every rank's
+        Monte-Carlo attribution and random credit with the same `seed`. Rank 0's generators are
+        left as built. Once per module (`setup` runs for each validate and fit); a checkpoint
+        restores the streams afterwards (`on_load_checkpoint`)."""
+        if self._rank_streams_seeded:
+            return
+        self._rank_streams_seeded = True
+        if rank == 0:
+            return
+        for owner in self._rng_owners().values():
+            seed = getattr(owner, "seed", None)
+            if isinstance(seed, (int, np.integer)):
+                owner.rng = rank_rng(int(seed), rank)
 
     def on_fit_start(self) -> None:
         self.policy.train()  # loaders return eval mode; dropout is off either way
@@ -167,9 +215,10 @@ class RLModule(pl.LightningModule):
             "credit/segments_per_completion": float(np.mean(out.credit.segments))
             if out.credit.segments
             else 0.0,
-            "credit/cos_to_grpo": float(stats["cos_to_grpo"]),
         }
-        self.cos_to_grpo.append(log["credit/cos_to_grpo"])
+        cos = self._credit_cos(stats)
+        if cos is not None:  # flat steps would draw 1.0s into the curve
+            log["credit/cos_to_grpo"] = cos
         log.update({f"train/{k}": float(np.mean(v)) for k, v in out.metrics.items()})
         log.update({f"train/{k}": v for k, v in out.loss_metrics.items()})
         log.update(
@@ -180,6 +229,33 @@ class RLModule(pl.LightningModule):
             }
         )
         return log
+
+    def _credit_cos(self, stats: dict[str, float]) -> float | None:
+        """The step's cosine to GRPO averaged over the ranks with an informative step (a
+        collective: every rank calls it once per step), appended to `self.cos_to_grpo`; None,
+        and nothing appended, when every group on every rank was flat."""
+        pair = informative_pair(float(stats["cos_to_grpo"]), float(stats["frac_reward_zero_std"]))
+        cos = pooled_mean([self._reduce_sum(pair)])
+        if cos is not None:
+            self.cos_to_grpo.append(cos)
+        return cos
+
+    def _reduce_sum(self, pair: tuple[float, float]) -> tuple[float, float]:
+        """`pair` summed over the data-parallel ranks (the identity in one process)."""
+        if self._trainer is None:
+            return pair
+        t = torch.tensor(pair, dtype=torch.float64, device=self.device)
+        t = self.trainer.strategy.reduce(t, reduce_op="sum")
+        return float(t[0]), float(t[1])
+
+    def credit_summary(self) -> dict[str, Any]:
+        """`credit_cos_to_grpo`, the run mean of `credit/cos_to_grpo` over informative steps
+        (None when there was none), and `credit_cos_to_grpo_steps`, how many entered it."""
+        cos = self.cos_to_grpo
+        return {
+            "credit_cos_to_grpo": float(np.mean(cos)) if cos else None,
+            "credit_cos_to_grpo_steps": len(cos),
+        }
 
     # ----------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
@@ -249,9 +325,24 @@ class RLModule(pl.LightningModule):
             "wall_s": self.wall_seconds(),
             "init": self.init,
         }
-        for name, rng in self._rngs().items():
-            state[f"{name}_rng"] = rng.bit_generator.state
+        rngs = {name: rng.bit_generator.state for name, rng in self._rngs().items()}
+        for name, rng_state in rngs.items():
+            state[f"{name}_rng"] = rng_state  # this rank's (rank 0's in the saved file)
+        every_rank = self._gather_objects(rngs)  # a collective: all ranks save checkpoints
+        if every_rank is not None:
+            for name in rngs:
+                state[f"{name}_rng_ranks"] = [r[name] for r in every_rank]
         checkpoint["ospo"] = state
+
+    def _gather_objects(self, obj: Any) -> list[Any] | None:
+        """`obj` of every rank, in rank order, under DDP; None in one process."""
+        if self._trainer is None or self.trainer.world_size < 2:
+            return None
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("ospo", {})
@@ -260,18 +351,35 @@ class RLModule(pl.LightningModule):
         self.wall_offset = float(state.get("wall_s", 0.0))
         self.wall_start = time.perf_counter()
         self.cos_to_grpo = list(state.get("cos_to_grpo", []))
+        rank = self.global_rank
         for name, rng in self._rngs().items():
-            if f"{name}_rng" in state:
+            ranks = state.get(f"{name}_rng_ranks")
+            if ranks is not None and rank < len(ranks):
+                rng.bit_generator.state = ranks[rank]
+            elif rank == 0 and f"{name}_rng" in state:
                 rng.bit_generator.state = state[f"{name}_rng"]
+            elif f"{name}_rng" in state:  # saved by fewer ranks: keep this rank's own stream
+                _log.warning("rank %d: no saved %s generator, it starts afresh", rank, name)
 
-    def _rngs(self) -> dict[str, np.random.Generator]:
-        """Random streams that live across steps (Monte-Carlo attribution, random credit), so
-        a resumed run draws what a straight run would."""
+    def _rng_owners(self) -> dict[str, Any]:
         owners = {
             "attribution": self.rl_step.attribution,
             "advantage": self.rl_step.baseline.advantage,
         }
-        return {k: o.rng for k, o in owners.items() if getattr(o, "rng", None) is not None}
+        return {k: o for k, o in owners.items() if getattr(o, "rng", None) is not None}
+
+    def _rngs(self) -> dict[str, np.random.Generator]:
+        """Random streams that live across steps (Monte-Carlo attribution, random credit), so
+        a resumed run draws what a straight run would: each rank's under DDP
+        (`<name>_rng_ranks`), rank 0's alone in one process (`<name>_rng`)."""
+        return {k: o.rng for k, o in self._rng_owners().items()}
 
 
-__all__ = ["RLModule", "sample_loader", "step_loader"]
+__all__ = [
+    "RLModule",
+    "informative_pair",
+    "pooled_mean",
+    "rank_rng",
+    "sample_loader",
+    "step_loader",
+]

@@ -3,6 +3,7 @@
 Usage::
 
     python -m ospo.report multirun/train/<date>_<time> [--out DIR] [--figure NAME=LABELS]
+        [--group-by KEY[,KEY...]]
 
 Reads every ``*/summary.json`` below the folder (one per job, written by
 :func:`ospo.rl.run_train`) and writes, into ``--out`` (default: the sweep folder):
@@ -39,7 +40,14 @@ Reads every ``*/summary.json`` below the folder (one per job, written by
 
 Statistics (numbered as in :func:`aggregate`):
 
-1. Runs are grouped by ``label``; each seed is one observation.
+1. Runs are grouped by ``label``; each seed is one observation. ``--group-by KEY[,KEY...]``
+   groups by other keys of summary.json instead (:func:`group_runs`; dotted keys reach into
+   nested objects, e.g. ``config.baseline.advantage.weighting`` or ``commit``), and the tables
+   name those groups where they would name labels. A run without a key is put in the group
+   ``(missing)`` for it; several keys name a group by their values joined with " / ". The
+   paired tables then need one run per group and seed (:func:`duplicate_seeds`; else they
+   are left out, with a note); the default baseline is the group :func:`default_baseline`
+   picks if all its runs are GRPO runs, else none.
 2. Interval: mean +- t_{0.975, n-1} * s / sqrt(n), s the sample standard deviation (ddof=1).
    One seed has no interval ("n/a").
 3. Curves: each seed's (x, y) points are linearly interpolated onto the union of all seeds'
@@ -66,10 +74,13 @@ Statistics (numbered as in :func:`aggregate`):
    never reach it are counted in n, never dropped. The baseline's own row is included: with
    the target its mean final value, typically only some of its seeds reach it, and late.
 
-Pure functions: :func:`load_runs`, :func:`val_points`, :func:`steps_to_reach`,
-:func:`relative_difference`, :func:`interval_side`, :func:`final_format_ok`, :func:`check_labels`,
-:func:`sample_efficiency`, :func:`paired_differences`, :func:`aggregate`,
-:func:`render_markdown`, :func:`plot`.
+Summaries made before summary.json recorded overrides, config and commit (no ``commit`` key;
+the kept ones say so in ``provenance``) are counted in a printed note (:func:`older_runs`).
+
+Pure functions: :func:`load_runs`, :func:`group_runs`, :func:`duplicate_seeds`,
+:func:`older_runs`, :func:`val_points`, :func:`steps_to_reach`, :func:`relative_difference`,
+:func:`interval_side`, :func:`final_format_ok`, :func:`check_labels`, :func:`sample_efficiency`,
+:func:`paired_differences`, :func:`aggregate`, :func:`render_markdown`, :func:`plot`.
 """
 
 from __future__ import annotations
@@ -90,13 +101,16 @@ __all__ = [
     "TEST_METRICS",
     "aggregate",
     "check_labels",
+    "duplicate_seeds",
     "final_format_ok",
+    "group_runs",
     "interpolate_curves",
     "interval_side",
     "keep_summaries",
     "load_runs",
     "main",
     "mean_ci",
+    "older_runs",
     "paired_differences",
     "plot",
     "relative_difference",
@@ -112,6 +126,9 @@ TEST_METRICS: tuple[str, ...] = ("ndcg@10", "recall@10", "mrr")
 
 TRAIN_KEY = "train"
 """Key of the training retriever in ``summary["test"]``; the other keys are held out."""
+
+MISSING_GROUP = "(missing)"
+"""Group of the runs whose summary lacks a ``--group-by`` key."""
 
 
 # ----------------------------------------------------------------------------- loading
@@ -169,6 +186,48 @@ def load_runs(folder: str | Path, split: str = "test") -> list[dict[str, Any]]:
         summary["path"] = str(path)
         runs.append(summary)
     return runs
+
+
+def _group_value(summary: dict[str, Any], key: str) -> str:
+    """The value at dotted ``key`` as a group name: strings as they are, other values as JSON
+    (``null``, ``true``, ``0.7``), :data:`MISSING_GROUP` where some part of the key is absent."""
+    value: Any = summary
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return MISSING_GROUP
+        value = value[part]
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def group_runs(runs: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """Copies of ``runs`` with ``label`` replaced by their group: the value of each dotted key
+    of ``keys`` (:func:`_group_value`), joined with " / " when there are several, so that
+    :func:`aggregate` groups by them. The runs themselves are left unchanged."""
+    return [{**run, "label": " / ".join(_group_value(run, k) for k in keys)} for run in runs]
+
+
+def duplicate_seeds(runs: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Per label, the seeds it has more than one run of (labels without any left out): the
+    paired tables, which match runs by seed, cannot use such a label."""
+    seen: dict[str, dict[Any, int]] = {}
+    for run in runs:
+        counts = seen.setdefault(str(run["label"]), {})
+        counts[run.get("seed")] = counts.get(run.get("seed"), 0) + 1
+    dups = {
+        lab: sorted((s for s, c in n.items() if c > 1), key=_seed_order) for lab, n in seen.items()
+    }
+    return {lab: seeds for lab, seeds in sorted(dups.items()) if seeds}
+
+
+def _seeds_text(dups: dict[str, list[Any]]) -> str:
+    """'label (seeds 0, 1); ...' for :func:`duplicate_seeds`."""
+    return "; ".join(f"{lab} (seeds {', '.join(map(str, seeds))})" for lab, seeds in dups.items())
+
+
+def older_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs whose summary records no commit: made before summary.json recorded overrides,
+    config and commit (:mod:`ospo.provenance`); the kept ones are marked in ``provenance``."""
+    return [run for run in runs if "commit" not in run]
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -781,7 +840,17 @@ def main(argv: Sequence[str] | None = None) -> str:
         metavar="NAME=LABEL[,LABEL...]",
         help="also write report-NAME.png with only these labels and the baseline (repeatable)",
     )
+    parser.add_argument(
+        "--group-by",
+        default=None,
+        metavar="KEY[,KEY...]",
+        help="group runs by these dotted keys of summary.json instead of label (e.g. "
+        "config.baseline.advantage.weighting, commit); runs without a key: '(missing)'",
+    )
     args = parser.parse_args(argv)
+    group_by = [k for k in (args.group_by or "").split(",") if k]
+    if args.group_by is not None and not group_by:
+        parser.error(f"--group-by {args.group_by!r}: expected KEY[,KEY...]")
     figures: dict[str, list[str]] = {}
     for spec in args.figure:
         name, _, labels = spec.partition("=")
@@ -797,6 +866,25 @@ def main(argv: Sequence[str] | None = None) -> str:
         kept = keep_summaries(runs, args.keep)
         print(f"kept {len(kept)} summaries under {args.keep}")
     baseline = None if args.baseline.lower() == "none" else args.baseline
+    notes = []
+    if group_by:
+        runs = group_runs(runs, group_by)
+        dups = duplicate_seeds(runs)
+        if baseline == "auto":
+            baseline = default_baseline(runs)
+            if any(r.get("method") != "grpo" for r in runs if r["label"] == baseline):
+                baseline = None
+            if baseline and dups:
+                notes.append(
+                    "note: no paired tables, as some groups have several runs of a seed: "
+                    + _seeds_text(dups)
+                )
+                baseline = None
+        elif baseline and dups:
+            parser.error(
+                f"--baseline {baseline} pairs runs by seed, but some groups of --group-by "
+                f"{args.group_by} have several runs of a seed: {_seeds_text(dups)}"
+            )
     try:
         agg = aggregate(runs, split=args.split, baseline=baseline)
     except ValueError as err:
@@ -807,12 +895,25 @@ def main(argv: Sequence[str] | None = None) -> str:
         except ValueError as err:
             parser.error(f"--figure {name}: {err}")
     markdown = render_markdown(agg)
+    if group_by:
+        markdown = (
+            f"Groups: {' / '.join(group_by)} of summary.json (in place of label; "
+            f"{MISSING_GROUP}: the summary lacks it).\n\n{markdown}"
+        )
+    older = older_runs(runs)
+    if older:
+        notes.append(
+            f"note: {len(older)} of {len(runs)} runs are older summaries, without the "
+            "overrides, config and commit that summary.json records now"
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(markdown)
     written = [out / "report.md", plot(agg, out / "report.png")]
     for name, labels in figures.items():
         written.append(plot(agg, out / f"report-{name}.png", labels=labels))
     print(markdown, end="")
+    for note in notes:
+        print(note)
     print(f"wrote {', '.join(str(p) for p in written)} ({len(runs)} runs)")
     return markdown
 

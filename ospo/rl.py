@@ -13,7 +13,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -41,6 +40,7 @@ from ospo.evaluate import (
 )
 from ospo.io import write_json
 from ospo.module import RLModule, sample_loader, step_loader
+from ospo.provenance import hydra_overrides, provenance
 from ospo.sft import WARMUP_MARKER, run_sft, warmup_dir
 
 log = logging.getLogger("ospo")
@@ -67,9 +67,11 @@ def _choice(group: str) -> str:
 
 
 def run_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """`python train.py`: warm-up if needed, RL, final test scores, summary.json."""
+    """`python train.py`: warm-up if needed, RL, final test scores, summary.json (with the
+    run's overrides, config, commit and versions: :func:`ospo.provenance.provenance`)."""
     validate(cfg)
     run_dir = Path(run_dir)
+    made_by = provenance(cfg, hydra_overrides())  # the code this run imported, not a later one
     t_start = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True)
     data = build_data(cfg)
@@ -151,6 +153,7 @@ def run_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     "rl_wall_s": module.wall_seconds(),
                     "warmup_dir": init_info["dir"],
                     "last_ckpt": str(run_dir / "checkpoints" / "last.ckpt"),
+                    **made_by,
                 }
             )
             write_json(run_dir / "summary.json", summary)
@@ -185,7 +188,7 @@ def final_scores(
         f"val_ndcg@{k}_start": hist[0][f"val/ndcg@{k}"],
         f"val_ndcg@{k}_end": hist[-1][f"val/ndcg@{k}"],
         "val_format_ok_end": hist[-1].get("val/format_ok"),
-        "credit_cos_to_grpo": float(np.mean(module.cos_to_grpo)) if module.cos_to_grpo else None,
+        **module.credit_summary(),
         "val_history": hist,
         **{f"{split}_{m}": v for m, v in scores["train"].items()},
         split: scores,

@@ -13,9 +13,9 @@ from omegaconf import OmegaConf
 
 from ospo.advantage import (
     GRPO,
+    MIN_MAX_WEIGHTINGS,
     NEGATIVES,
     OSPO,
-    MIN_MAX_WEIGHTINGS,
     WEIGHTINGS,
     EntropyCredit,
     RandomCredit,
@@ -25,7 +25,10 @@ from ospo.advantage import (
     frac_zero_std,
     group_advantages,
     redistribute,
+    shift_advantages,
     token_credit,
+    token_mass,
+    token_segments,
 )
 from ospo.baseline import Baseline
 
@@ -630,3 +633,91 @@ def test_control_yaml_builds_alone_and_shares_ospo_settings():
     assert ent.scale == ospo.scale and ent.clip_kappa == ospo.clip_kappa
     for n in ("random_credit", "entropy"):  # same loss settings as OSPO
         assert OmegaConf.to_container(load[n].loss) == OmegaConf.to_container(load["ospo"].loss)
+
+
+# continuous weightings and mass per segment ---------------------------------------------------
+
+
+def test_shift_advantages_hand_case():
+    """relative: A_t = A + 4 |A| (c_t - cbar) / 1 over covered tokens, cbar their mean."""
+    credit, covered = token_credit(TOKENS, SEGS, PHI)
+    cbar = (0.5 + 0.5 - 0.25 - 0.25 + 1.0 + 1.0) / 6  # 0.41667, uncovered tokens excluded
+    for a in (0.5, -0.5):
+        out = shift_advantages(a, credit, covered, "relative", strength=4.0, credit_scale=1.0)
+        expected = [
+            a + 4 * abs(a) * (c - cbar) if k else a for c, k in zip(CREDIT, covered, strict=True)
+        ]
+        torch.testing.assert_close(out, torch.tensor(expected, dtype=torch.float32))
+        assert out[5] > out[0] > out[2]  # kids > warm red > socks, whatever the sign of A
+        torch.testing.assert_close(out.mean(), torch.tensor(a))
+    add = shift_advantages(0.0, credit, covered, "additive", strength=2.0, credit_scale=0.5)
+    expected = [4 * (c - cbar) if k else 0.0 for c, k in zip(CREDIT, covered, strict=True)]
+    torch.testing.assert_close(add, torch.tensor(expected, dtype=torch.float32))
+    # relative with A = 0 moves nothing; uniform credit gives A exactly
+    zero = shift_advantages(0.0, credit, covered, "relative")
+    assert torch.equal(zero, torch.zeros(8))
+    uniform = shift_advantages(0.7, torch.full((8,), 0.3), covered, "relative")
+    assert torch.equal(uniform, torch.full((8,), 0.7))
+    with pytest.raises(ValueError, match="credit_scale"):
+        shift_advantages(1.0, credit, covered, "relative", credit_scale=0.0)
+    with pytest.raises(ValueError, match="relative, additive"):
+        shift_advantages(1.0, credit, covered, "signed")
+
+
+def _ospo_rows(weighting, phis, **kw):
+    """OSPO's token advantages of one group of two completions (A = +-1 with scale=none)."""
+    mask = torch.ones(2, len(TOKENS), dtype=torch.long)
+    est = OSPO(scale="none", weighting=weighting, **kw)
+    return est([1.0, -1.0], 2, mask, [TOKENS] * 2, [seg(SEGS)] * 2, phis)[0]
+
+
+@pytest.mark.parametrize("weighting", ["relative", "additive"])
+def test_continuous_weightings_move_little_for_a_tiny_credit_change(weighting):
+    """A credit change of 1e-5 moves every token advantage by less than 1% of |A_i| (here
+    |A_i| = 0.5 and 1), measured against the fixed credit scale; the min-max weightings move
+    up to all of A_i for the same change."""
+    base = [np.array([0.1, 0.1, 0.1])] * 2
+    nudged = [np.array([0.1, 0.100005, 0.100002]), np.array([0.1, 0.10001, 0.1])]
+    for phis in (base, nudged):
+        out = _ospo_rows(weighting, phis)
+        torch.testing.assert_close(out.mean(1), torch.tensor([1.0, -1.0]))
+    delta = (_ospo_rows(weighting, nudged) - _ospo_rows(weighting, base)).abs().max()
+    assert delta < 0.01 * 1.0
+    signed = _ospo_rows("signed", nudged, alpha=1.0) - _ospo_rows("signed", base, alpha=1.0)
+    assert signed.abs().max() > 0.5
+
+
+def test_token_segments_and_mass_per_segment():
+    segment, covered = token_segments(TOKENS, SEGS)
+    assert segment.tolist() == [0, 0, 1, 1, 0, 2, 2, 0]
+    assert covered.tolist() == [True, True, True, True, False, True, True, False]
+    m = token_mass(segment, covered, "token")
+    assert m.tolist() == [1, 1, 1, 1, 0, 1, 1, 0]
+    m = token_mass(segment, covered, "segment")  # 6 covered tokens, 3 segments of 2 tokens
+    assert m.tolist() == [1, 1, 1, 1, 0, 1, 1, 0]
+    # segment 0 of 3 tokens, segment 1 of 1: each carries 4 / 2 = 2 in all
+    segment = np.array([0, 0, 0, 1, 0])
+    covered = np.array([True, True, True, True, False])
+    m = token_mass(segment, covered, "segment")
+    torch.testing.assert_close(
+        m, torch.tensor([2 / 3, 2 / 3, 2 / 3, 2.0, 0.0], dtype=torch.float64)
+    )
+    assert m[covered].mean() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+def test_mass_per_segment_gives_each_segment_the_same_total(weighting):
+    """With mass=segment a 3-token word and a 1-token word of the same credit carry the same
+    total: of the credit-driven shift A_t - A_i (relative, additive), or of the advantage
+    itself (min-max weightings, which scale A_i); with mass=token the 3-token word carries
+    three times as much."""
+    tokens = [(0, 2), (2, 4), (4, 6), (7, 10), (11, 14)]  # "abcdef" in 3 tokens, "ghi", "jkl"
+    segs = [(0, 6), (7, 10), (11, 14)]
+    phis = [np.array([0.3, 0.3, 0.0])] * 2
+    mask = torch.ones(2, 5, dtype=torch.long)
+    for mass, ratio in (("segment", 1.0), ("token", 3.0)):
+        est = OSPO(scale="none", weighting=weighting, mass=mass, alpha=1.0)
+        out = est([1.0, 0.0], 2, mask, [tokens] * 2, [seg(segs)] * 2, phis)[0]  # A = 0.5, -0.5
+        torch.testing.assert_close(out.mean(1), torch.tensor([0.5, -0.5]))
+        carried = out[0] - 0.5 if weighting in ("relative", "additive") else out[0]  # (5,)
+        assert float(carried[:3].sum()) == pytest.approx(ratio * float(carried[3]), rel=1e-5)

@@ -242,7 +242,9 @@ def test_the_step_credits_the_reward_it_trains_on(bm25, reward_cls):
             continue
         assert out.rewards[i] == retrieved[i]
         context = seg.coalition_text(out.rollouts.texts[i], np.zeros(seg.n, dtype=bool))
-        v_empty = fresh.score_queries([join_texts(out.samples[i].prefix, context)], [out.samples[i]])
+        v_empty = fresh.score_queries(
+            [join_texts(out.samples[i].prefix, context)], [out.samples[i]]
+        )
         assert phi.sum() == pytest.approx(out.rewards[i] - v_empty[0], abs=1e-9)
         coalitions += owen_num_coalitions(seg.unions)
     assert out.credit.coalitions == coalitions

@@ -8,14 +8,18 @@ import numpy as np
 import pytest
 
 from ospo.report import (
+    MISSING_GROUP,
     aggregate,
+    duplicate_seeds,
     final_format_ok,
+    group_runs,
     interpolate_curves,
     interval_side,
     keep_summaries,
     load_runs,
     main,
     mean_ci,
+    older_runs,
     paired_differences,
     plot,
     relative_difference,
@@ -472,3 +476,103 @@ def test_old_summaries_lack_the_new_keys(tmp_path):
     assert "| grpo | 1 | 0.1000 -> 0.2000 | +0.1000 ± n/a | 0.750 | n/a |" in learning
     assert "| ospo | 1 | 0.1000 -> 0.3000 | +0.2000 ± n/a | n/a | n/a |" in learning
     assert "| ospo | 1 of 1 | 10 ± n/a | 50 ± n/a | 0: 10 |" in md  # target 0.2: grpo's end
+
+
+def _weighted(label, seed, ndcg, weighting=None):
+    """A summary with provenance whose config records `weighting` (no such key when None)."""
+    summary = _summary(label, seed, ndcg, 0.5, 0.4)
+    advantage = {"_target_": "ospo.advantage.OSPO"}
+    if weighting is not None:
+        advantage["weighting"] = weighting
+    summary.update(
+        overrides=[f"seed={seed}"],
+        config={"seed": seed, "baseline": {"name": label, "advantage": advantage}},
+        commit="0" * 40,
+        dirty=False,
+        versions={"python": "3.11.7"},
+    )
+    return summary
+
+
+def test_group_by_a_nested_key(tmp_path, capsys):
+    """Signed runs of 0.4, 0.6 and a rank run of 0.5 regroup across labels; GRPO runs lack the
+    key and an older summary lacks the config: both go to "(missing)"."""
+    root = tmp_path / "runs"
+    _write(root, "a", _weighted("ospo-a", 0, 0.4, "signed"))
+    _write(root, "b", _weighted("ospo-b", 1, 0.6, "signed"))
+    _write(root, "c", _weighted("ospo-c", 0, 0.5, "rank"))
+    _write(root, "g", _weighted("grpo", 0, 0.3))
+    _write(root, "old", _summary("grpo", 1, 0.2, 0.5, 0.4))
+    key = "config.baseline.advantage.weighting"
+    runs = load_runs(root)
+    grouped = group_runs(runs, [key])
+    assert [r["label"] for r in grouped] == ["signed", "signed", "rank", MISSING_GROUP, "(missing)"]
+    assert [r["label"] for r in runs] == ["ospo-a", "ospo-b", "ospo-c", "grpo", "grpo"]  # copies
+    assert group_runs(runs, ["label", "seed"])[2]["label"] == "ospo-c / 0"
+    assert group_runs(runs, ["config.seed"])[3]["label"] == "0"  # a number, as JSON
+    assert group_runs(runs, ["dirty"])[0]["label"] == "false"
+    agg = aggregate(grouped, baseline=None)
+    assert sorted(agg["labels"]) == ["(missing)", "rank", "signed"]
+    assert agg["labels"]["signed"]["test"]["ndcg@10"][:1] == (pytest.approx(0.5),)
+    assert agg["labels"]["(missing)"]["seeds"] == [0, 1]
+
+    md = main([str(root), "--out", str(tmp_path / "out"), "--group-by", key])
+    assert md.startswith(f"Groups: {key} of summary.json")
+    assert "| signed | 2 | 0.5000 ± " in md
+    assert "| rank | 1 | 0.5000 ± n/a |" in md
+    assert "| (missing) | 2 | 0.2500 ± " in md
+    assert "## Paired against (missing)" in md  # the only group with GRPO runs, all GRPO
+    # the default still groups by label
+    assert "| grpo | 2 | 0.2500 ± " in main([str(root), "--out", str(tmp_path / "out")])
+    capsys.readouterr()
+
+
+def test_group_by_pairs_only_one_run_per_seed(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        _write(root, f"g{seed}", _weighted("grpo", seed, 0.3))
+        _write(root, f"o{seed}", _weighted("ospo", seed, 0.4, "signed"))
+    out = str(tmp_path / "out")
+    md = main([str(root), "--out", out, "--group-by", "baseline.name,config.baseline.name"])
+    assert "| (missing) / grpo | 2 |" in md and "## Paired against (missing) / grpo" in md
+    md = main([str(root), "--out", out, "--group-by", "config.baseline.name"])
+    assert "## Paired against grpo" in md and "| ospo | 2 | +0.1000 ± 0.0000 |" in md
+    by_commit = group_runs(load_runs(root), ["commit"])
+    assert duplicate_seeds(by_commit) == {"0" * 40: [0, 1]}
+    md = main([str(root), "--out", out, "--group-by", "commit", "--baseline", "none"])
+    assert f"| {'0' * 40} | 4 |" in md
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([str(root), "--out", out, "--group-by", "commit", "--baseline", "0" * 40])
+    assert "several runs of a seed" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(root), "--out", out, "--group-by", ","])
+    assert "expected KEY[,KEY...]" in capsys.readouterr().err
+
+
+def test_note_on_older_summaries(tmp_path, capsys):
+    """Kept summaries marked older, and any without a commit, are counted in one printed line;
+    the mark changes nothing else in the report."""
+    root = tmp_path / "runs"
+    _write(root, "new", _weighted("grpo", 0, 0.3))
+    old = _summary("grpo", 1, 0.5, 0.5, 0.4)
+    _write(root, "plain", old)
+    out = str(tmp_path / "out")
+    plain_md = main([str(root), "--out", out])
+    marked = dict(old, provenance="older: made before summaries recorded overrides")
+    (root / "plain" / "summary.json").write_text(json.dumps(marked))
+    assert main([str(root), "--out", out]) == plain_md
+    assert [r["seed"] for r in older_runs(load_runs(root))] == [1]
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert (
+        notes
+        == [
+            "note: 1 of 2 runs are older summaries, without the overrides, config and commit "
+            "that summary.json records now"
+        ]
+        * 2
+    )
+    (root / "plain" / "summary.json").unlink()
+    (root / "plain").rmdir()
+    main([str(root), "--out", out])
+    assert "note:" not in capsys.readouterr().out

@@ -92,7 +92,9 @@ def test_value_fn_with_other_additive_retriever_and_memo():
     np.testing.assert_array_equal(value_fn(masks[::-1]), values[::-1])  # from the memo
     reward.clear_cache()
     assert not reward._memo
-    expected = [NDCG(retriever).score_texts([segmentation.coalition_text(text, m)], [s])[0] for m in masks]
+    expected = [
+        NDCG(retriever).score_texts([segmentation.coalition_text(text, m)], [s])[0] for m in masks
+    ]
     np.testing.assert_allclose(values, expected, atol=1e-12)
 
 
@@ -114,7 +116,8 @@ def test_value_fn_large_catalog(method, num_docs, vocab_size):
     values = NDCG(retriever).coalition_value_fn(text, segmentation, s, base_text="w1")(masks)
     fresh = NDCG(retriever)
     expected = [
-        fresh.score_texts([join_texts("w1", segmentation.coalition_text(text, m))], [s])[0] for m in masks
+        fresh.score_texts([join_texts("w1", segmentation.coalition_text(text, m))], [s])[0]
+        for m in masks
     ]
     np.testing.assert_allclose(values, expected, atol=1e-12)
     assert values.max() > 0
@@ -207,6 +210,7 @@ def test_dense_value_fn_equals_one_by_one(dense_toy):
     values = reward.coalition_value_fn(text, segmentation, s, base_text="winter")(masks)
     fresh = NDCG(dense, k=3)
     expected = [
-        fresh.score_texts([join_texts("winter", segmentation.coalition_text(text, m))], [s])[0] for m in masks
+        fresh.score_texts([join_texts("winter", segmentation.coalition_text(text, m))], [s])[0]
+        for m in masks
     ]
     np.testing.assert_allclose(values, expected, atol=1e-12)

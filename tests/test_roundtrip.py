@@ -396,7 +396,7 @@ def test_keep_query_sets_the_empty_coalition(make_cfg, attribution):
         (False, v_blank, r(text)),
     ):
         reward.clear_cache()
-        (phi,) = compute_credit([text], [sample], lambda t: whole, att, reward, keep).phis
+        (phi,) = compute_credit([text], [sample], lambda t, reads=None: whole, att, reward, keep).phis
         assert phi.tolist() == pytest.approx([v_full - v_empty], abs=1e-9)
     assert r(text) - v_blank != pytest.approx(r(f"{REQUEST} {text}") - v_query)
 

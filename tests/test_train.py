@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from ospo.evaluate import run_eval
+from ospo.provenance import PACKAGES
 from ospo.rl import run_train
 
 from .conftest import ROOT, TINY
@@ -31,13 +33,49 @@ def _metrics(run_dir: Path) -> list[dict]:
     return out
 
 
+def _logged_cos(run_dir: Path) -> list[float]:
+    """`credit/cos_to_grpo` of the steps that logged one (those with an informative group)."""
+    import csv
+
+    out = []
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        with open(path) as f:
+            out += [
+                float(r["credit/cos_to_grpo"])
+                for r in csv.DictReader(f)
+                if r.get("credit/cos_to_grpo")
+            ]
+    return out
+
+
+def _check_run_cos(cos, run_dir: Path, grpo: bool = False) -> None:
+    """The summary's credit_cos_to_grpo is the mean of the logged per-step values (flat steps
+    log none), None when no step logged one; GRPO's is 1 on every informative step."""
+    logged = _logged_cos(run_dir)
+    if not logged:
+        assert cos is None
+        return
+    assert cos == pytest.approx(sum(logged) / len(logged))
+    assert all(c == 1.0 for c in logged) if grpo else all(-1.0 <= c <= 1.0 for c in logged)
+
+
 def test_tiny_run_end_to_end(make_cfg, tmp_path):
     cfg = make_cfg(TINY)
     summary = run_train(cfg, tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    # how it was made: overrides, resolved config, commit and versions
+    assert saved["overrides"] == [*TINY, f"cache_dir={tmp_path / 'cache'}"]
+    assert saved["config"]["model"] == OmegaConf.to_container(cfg.model, resolve=True)
+    assert saved["config"]["rl"]["steps"] == 4
+    assert saved["config"]["logger"]["csv"]["save_dir"] == str(tmp_path / "run")
+    assert "hydra" not in saved["config"] and "${" not in json.dumps(saved["config"])
+    assert saved["commit"] is None or len(saved["commit"]) == 40
+    assert isinstance(saved["dirty"], bool) == (saved["commit"] is not None)
+    assert saved["versions"]["torch"] == torch.__version__
+    assert set(saved["versions"]) == {"python", *PACKAGES}
     for key in ("val_ndcg@10_start", "val_ndcg@10_end", "steps", "wall_s", "val_format_ok_end"):
         assert isinstance(saved[key], (int, float)), key
-    assert -1.0 <= saved["credit_cos_to_grpo"] <= 1.0  # run mean of credit/cos_to_grpo
+    _check_run_cos(saved["credit_cos_to_grpo"], tmp_path / "run")  # run mean, flat steps out
     assert saved["steps"] == 4 == summary["steps"]
     assert (tmp_path / "run" / "warmup.json").exists()
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -166,8 +204,7 @@ def test_method_variants_run(make_cfg, tmp_path, method):
     named = [o.split("=", 1)[1] for o in method if o.startswith("label=")]
     label = summary["label"]
     assert label == named[0] if named else label.startswith(summary["method"])
-    cos = summary["credit_cos_to_grpo"]
-    assert cos == 1.0 if "baseline=grpo" in method else -1.0 <= cos <= 1.0
+    _check_run_cos(summary["credit_cos_to_grpo"], tmp_path / "run", "baseline=grpo" in method)
 
 
 @pytest.mark.slow
@@ -228,4 +265,10 @@ def test_ddp_two_cpu_processes(tmp_path):
         cwd=tmp_path,
     )
     assert "MEMBER: 2/2" in proc.stdout + proc.stderr  # the second process joined
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2
+    _check_run_cos(summary["credit_cos_to_grpo"], tmp_path / "run")  # averaged over the ranks
+    # Each rank draws from its own generator, and the checkpoint keeps both for a resume.
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["ospo"]
+    rank0, rank1 = state["attribution_rng_ranks"]
+    assert rank0 == state["attribution_rng"] and rank0 != rank1
