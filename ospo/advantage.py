@@ -378,7 +378,10 @@ def cos_to_grpo(advantages, grpo_advantages, mask) -> float:
 # 6. Estimators ------------------------------------------------------------------------------
 
 
-def _reward_stats(r: Tensor, adv: Tensor, group_size: int) -> dict[str, float]:
+def reward_stats(r: Tensor, adv: Tensor, group_size: int) -> dict[str, float]:
+    """The stats every estimator returns and `RLModule` logs: frac_reward_zero_std,
+    reward_mean, reward_std (unbiased), adv_abs_mean and adv_std of the sequence advantages.
+    r, adv: (N,)."""
     return {
         "frac_reward_zero_std": frac_zero_std(r, group_size),
         "reward_mean": float(r.mean()) if r.numel() else 0.0,
@@ -406,7 +409,7 @@ def _clip_and_stats(
     clip, then GRPO's stats plus frac_fallback, frac_clipped and cos_to_grpo (after clipping).
     out, valid: (N, T); r, adv: (N,)."""
     out, frac_clipped = _clip(out, valid, adv, kappa)
-    stats = _reward_stats(r, adv, group_size)
+    stats = reward_stats(r, adv, group_size)
     stats["frac_fallback"] = fallbacks / max(r.numel(), 1)
     stats["frac_clipped"] = frac_clipped
     stats["cos_to_grpo"] = cos_to_grpo(out, adv, valid)
@@ -442,7 +445,7 @@ class GRPO:
         _check_mask(mask, r.numel())
         adv = group_advantages(r, group_size, self.scale, self.eps)  # (N,)
         out = adv[:, None] * (mask.cpu() != 0).to(torch.float32)  # (N, T), 0 on padding
-        stats = _reward_stats(r, adv, group_size)
+        stats = reward_stats(r, adv, group_size)
         stats["cos_to_grpo"] = cos_to_grpo(out, adv, mask)
         return out.to(mask.device), stats
 

@@ -247,7 +247,7 @@ def evaluate(
     for i, sample in enumerate(samples):
         # 1-2. completion and players
         text = make_completion(sample, np.random.default_rng([seed, 0, i]), vocabulary)
-        seg = segmenter(text)
+        seg = segmenter(text, reads=retriever.reads)
         if seg.n == 0:
             continue
         texts = seg.texts(text)

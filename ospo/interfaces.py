@@ -96,8 +96,25 @@ class Attribution(Protocol):
 
 @runtime_checkable
 class AdvantageEstimator(Protocol):
-    """Rewards (and credit) -> per-token advantages (`ospo.advantage.GRPO`, `OSPO`, and the
-    controls `RandomCredit`, `EntropyCredit`)."""
+    """Rewards (and credit) -> per-token advantages: the public extension point for token
+    credit (docs/design.md section 2.10). The project's own estimators (`ospo.advantage.GRPO`,
+    `OSPO`, the controls `RandomCredit`, `EntropyCredit`) implement it, and so does any class
+    named by `baseline.advantage._target_` (example: `examples/position_credit.py`).
+
+    Called once per rollout step, by `ospo.step.RLStep`, with N = B * G completions in
+    prompt-major rows (rows g*G .. g*G+G-1 answer request g):
+    * rewards (N,): the reward the step trains on (format gate applied);
+    * group_size: G; completion_mask (N, T): 1 on valid completion tokens (EOS included);
+    * with `needs_credit`: token_spans (N lists of [start, end) character spans of the valid
+      tokens in the completion text), segmentations (N `ospo.segmenter.Segmentation`) and
+      phis (N arrays (n_i,) of segment credit, None for a completion that got none, e.g. one
+      the format gate zeroed);
+    * with `needs_entropy`: entropy (N, T), the sampling policy's token entropy, no gradient.
+    Returns advantages (N, T) float on the mask's device, zero on padding, and a dict of floats
+    holding at least `ospo.advantage.reward_stats`'s keys and `cos_to_grpo`, which the module
+    logs. Keeping each completion's mean token advantage at its group-relative A_i keeps which
+    completion is better GRPO's call (every estimator shipped does).
+    """
 
     needs_credit: bool  # True: call with token_spans, segmentations and phis
     needs_entropy: bool  # True: call with entropy, the policy's (N, T) token entropy (no grad)
