@@ -28,6 +28,7 @@ Every estimator logs `cos_to_grpo`, the cosine between its token advantages and 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -450,7 +451,48 @@ class GRPO:
         return out.to(mask.device), stats
 
 
-class OSPO:
+class _PerCompletion:
+    """The skeleton every token-credit estimator shares (OSPO, its controls, EntropyCredit):
+    GRPO's A_i per group, then each completion's valid tokens from `_row` (None: the
+    completion falls back to A_i on every token, counted in `frac_fallback`), then the optional
+    clip and the stats. Subclasses check their extra inputs in `_inputs`."""
+
+    needs_credit = False
+    needs_entropy = False
+    scale: str
+    eps: float
+    clip_kappa: float | None
+
+    def __call__(
+        self, rewards, group_size: int, completion_mask: Tensor, **extra
+    ) -> tuple[Tensor, dict[str, float]]:
+        r = _as_rewards(rewards)  # (N,)
+        mask = torch.as_tensor(completion_mask)
+        _check_mask(mask, r.numel())
+        inputs = self._inputs(r.numel(), mask, **extra)
+        adv = group_advantages(r, group_size, self.scale, self.eps)  # (N,)
+        valid = mask.cpu() != 0  # (N, T)
+        out = torch.zeros(valid.shape, dtype=torch.float32)  # (N, T)
+        fallbacks = 0
+        for i in range(r.numel()):
+            a = float(adv[i])
+            row = self._row(i, a, valid[i], inputs)  # (T_i,) or None
+            if row is None:
+                out[i, valid[i]] = a
+                fallbacks += 1
+            else:
+                out[i, valid[i]] = row
+        out, stats = _clip_and_stats(out, valid, r, adv, group_size, fallbacks, self.clip_kappa)
+        return out.to(mask.device), stats
+
+    def _inputs(self, n_rows: int, mask: Tensor, **extra) -> Any:
+        raise NotImplementedError
+
+    def _row(self, i: int, a: float, valid: Tensor, inputs: Any) -> Tensor | None:
+        raise NotImplementedError
+
+
+class OSPO(_PerCompletion):
     """Segment-level credit by potential-based redistribution (docs/design.md sections 2.6-2.8).
 
     Per completion: GRPO's A_i, then token_credit and token_mass, then either
@@ -509,12 +551,22 @@ class OSPO:
         token_spans: Sequence[Sequence[tuple[int, int]]],
         segmentations: Sequence,
         phis: Sequence,
-        **_,
+        **extra,
     ) -> tuple[Tensor, dict[str, float]]:
-        r = _as_rewards(rewards)  # (N,)
-        mask = torch.as_tensor(completion_mask)
-        n_rows = r.numel()
-        _check_mask(mask, n_rows)
+        """Token advantages (N, T) and stats; the credit may also be passed by position."""
+        credit = {"token_spans": token_spans, "segmentations": segmentations, "phis": phis}
+        return super().__call__(rewards, group_size, completion_mask, **credit, **extra)
+
+    def _inputs(
+        self,
+        n_rows: int,
+        mask: Tensor,
+        token_spans: Sequence[Sequence[tuple[int, int]]] = (),
+        segmentations: Sequence = (),
+        phis: Sequence = (),
+        **_,
+    ) -> tuple[Sequence, Sequence, Sequence]:
+        """token_spans, segmentations and phis (after `transform_phis`), one per completion."""
         for name, items in (
             ("token_spans", token_spans),
             ("segmentations", segmentations),
@@ -524,33 +576,25 @@ class OSPO:
                 raise ValueError(
                     f"{name} has {len(items)} entries, expected one per reward ({n_rows})"
                 )
-        phis = self.transform_phis(phis)
-        adv = group_advantages(r, group_size, self.scale, self.eps)  # (N,)
-        valid = mask.cpu() != 0  # (N, T)
-        out = torch.zeros(valid.shape, dtype=torch.float32)  # (N, T)
-        fallbacks = 0
-        for i in range(n_rows):
-            pos = valid[i].nonzero().squeeze(1)  # (T_i,) valid positions
-            if len(token_spans[i]) != pos.numel():
-                raise ValueError(
-                    f"completion {i}: {len(token_spans[i])} token spans but "
-                    f"{pos.numel()} valid tokens in completion_mask"
-                )
-            seg = segmentations[i]
-            seg_spans = [] if seg is None else list(seg.spans)
-            phi = None if phis[i] is None else np.asarray(phis[i], dtype=np.float64).reshape(-1)
-            if phi is not None and phi.size != len(seg_spans):
-                raise ValueError(
-                    f"completion {i}: phi has {phi.size} values but {len(seg_spans)} segments"
-                )
-            a = float(adv[i])
-            if not seg_spans or phi is None or not np.isfinite(phi).all() or not np.any(phi):
-                out[i, pos] = a
-                fallbacks += 1
-                continue
-            out[i, pos] = self.token_advantages(a, token_spans[i], seg_spans, phi)
-        out, stats = _clip_and_stats(out, valid, r, adv, group_size, fallbacks, self.clip_kappa)
-        return out.to(mask.device), stats
+        return token_spans, segmentations, self.transform_phis(phis)
+
+    def _row(self, i: int, a: float, valid: Tensor, inputs) -> Tensor | None:
+        token_spans, segmentations, phis = inputs
+        if len(token_spans[i]) != int(valid.sum()):
+            raise ValueError(
+                f"completion {i}: {len(token_spans[i])} token spans but "
+                f"{int(valid.sum())} valid tokens in completion_mask"
+            )
+        seg = segmentations[i]
+        seg_spans = [] if seg is None else list(seg.spans)
+        phi = None if phis[i] is None else np.asarray(phis[i], dtype=np.float64).reshape(-1)
+        if phi is not None and phi.size != len(seg_spans):
+            raise ValueError(
+                f"completion {i}: phi has {phi.size} values but {len(seg_spans)} segments"
+            )
+        if not seg_spans or phi is None or not np.isfinite(phi).all() or not np.any(phi):
+            return None
+        return self.token_advantages(a, token_spans[i], seg_spans, phi)
 
     def token_advantages(self, a: float, token_spans, seg_spans, phi: np.ndarray) -> Tensor:
         """A_{i,t} of one completion's valid tokens from its A_i and segment credit.  # (T_i,)"""
@@ -615,7 +659,7 @@ class RandomCredit(OSPO):
         return out
 
 
-class EntropyCredit:
+class EntropyCredit(_PerCompletion):
     """Control: token credit from the policy's entropy, GTPO-style (docs/design.md 2.9).
 
     Per completion, over its valid tokens, with H_t the policy's entropy at token t:
@@ -664,17 +708,8 @@ class EntropyCredit:
         self.inverse_eps = inverse_eps
         self.clip_kappa = clip_kappa
 
-    def __call__(
-        self,
-        rewards,
-        group_size: int,
-        completion_mask: Tensor,
-        entropy: Tensor | None = None,
-        **_,
-    ) -> tuple[Tensor, dict[str, float]]:
-        r = _as_rewards(rewards)  # (N,)
-        mask = torch.as_tensor(completion_mask)
-        _check_mask(mask, r.numel())
+    def _inputs(self, n_rows: int, mask: Tensor, entropy: Tensor | None = None, **_) -> Tensor:
+        """The entropy (N, T) in float64 on the CPU."""
         if entropy is None:
             raise ValueError(
                 "EntropyCredit needs entropy=<(N, T) per-token policy entropy of the rollouts> "
@@ -686,17 +721,11 @@ class EntropyCredit:
                 f"entropy has shape {tuple(h.shape)}, expected the completion_mask's "
                 f"{tuple(mask.shape)}"
             )
-        adv = group_advantages(r, group_size, self.scale, self.eps)  # (N,)
-        valid = mask.cpu() != 0  # (N, T)
-        out = torch.zeros(valid.shape, dtype=torch.float32)  # (N, T)
-        fallbacks = 0
-        for i in range(r.numel()):
-            a = float(adv[i])
-            u = entropy_weights(h[i][valid[i]], a, self.negative, self.inverse_eps)  # (T_i,)
-            fallbacks += bool((u == 1).all())
-            out[i, valid[i]] = redistribute(a, u)
-        out, stats = _clip_and_stats(out, valid, r, adv, group_size, fallbacks, self.clip_kappa)
-        return out.to(mask.device), stats
+        return h
+
+    def _row(self, i: int, a: float, valid: Tensor, h: Tensor) -> Tensor | None:
+        u = entropy_weights(h[i][valid], a, self.negative, self.inverse_eps)  # (T_i,)
+        return None if bool((u == 1).all()) else redistribute(a, u)
 
 
 def _check_mask(mask: Tensor, n_rows: int) -> None:

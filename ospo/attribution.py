@@ -23,7 +23,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-ValueFn = Callable[[np.ndarray], np.ndarray]  # bool masks (K, n) -> values (K,)
+ValueFn = Callable[[np.ndarray], np.ndarray]
+"""A game: bool masks (K, n) over a completion's n players -> coalition values (K,). Built by
+`ospo.reward.Reward.coalition_value_fn`, read by every attribution method."""
 Seed = int | np.random.Generator | None
 
 log = logging.getLogger("ospo.attribution")

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from ospo.attribution import CountingValueFn, mc_shapley_values, owen_values, shapley_values
-from ospo.metrics import mean_ci
+from ospo.metrics import format_ci, mean_ci
 from ospo.retriever import tokenize
 
 __all__ = [
@@ -325,15 +325,6 @@ def _name(method: str) -> str:
     ]
 
 
-def _pm(stat: tuple[float, float, int], digits: int = 3) -> str:
-    mean, half, n = stat
-    if n == 0:
-        return "n/a"
-    if not math.isfinite(half):
-        return f"{mean:.{digits}f} ± n/a"
-    return f"{mean:.{digits}f} ± {half:.{digits}f}"
-
-
 def render(result: dict[str, Any]) -> str:
     """The two markdown tables and the final ``faithfulness_owen=...`` line."""
     rows, used = result["rows"], result["used"]
@@ -352,11 +343,11 @@ def render(result: dict[str, Any]) -> str:
     shown = ["owen", "shapley", *(f"mc{p}" for p in FAITH_PERMUTATIONS), "random"]
     for m in shown:
         lines.append(
-            f"| {_name(m)} | {_pm(result['faithfulness'][m])} | {_pm(result['p_at_1'][m])} |"
+            f"| {_name(m)} | {format_ci(result['faithfulness'][m], 3)} | {format_ci(result['p_at_1'][m], 3)} |"
         )
     lines.append(
-        f"| chance (share of segments with an intent word) | {_pm(result['chance'])} | "
-        f"{_pm(result['chance'])} |"
+        f"| chance (share of segments with an intent word) | {format_ci(result['chance'], 3)} | "
+        f"{format_ci(result['chance'], 3)} |"
     )
     lines += [
         "",
@@ -374,7 +365,7 @@ def render(result: dict[str, Any]) -> str:
     for m in order:
         s = result["mc"][m]
         lines.append(
-            f"| {_name(m)} | {s['coalitions']:.1f} | {_pm(s['error'], 4)} | {s['defined']} | "
+            f"| {_name(m)} | {s['coalitions']:.1f} | {format_ci(s['error'], 4)} | {s['defined']} | "
             f"{s['efficiency']:.1e} |"
         )
     lines += [

@@ -17,11 +17,9 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from torch import Tensor
 
+from ospo.attribution import ValueFn
 from ospo.data import Sample
 from ospo.segmenter import Segmentation
-
-ValueFn = Callable[[np.ndarray], np.ndarray]
-"""Coalition values: bool masks (K, n) over a completion's n segments -> values (K,)."""
 
 
 @runtime_checkable

@@ -265,3 +265,15 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float,
         return mean, math.nan, n
     half = t_quantile(0.5 + level / 2, n - 1) * float(x.std(ddof=1)) / math.sqrt(n)
     return mean, half, n
+
+
+def format_ci(stat: tuple[float, float, int], digits: int = 4, signed: bool = False) -> str:
+    """A `mean_ci` triple as 'mean ± half' ('mean ± n/a' for one value, 'n/a' for none);
+    `signed` writes the mean with its sign."""
+    mean, half, n = stat
+    if n == 0 or not math.isfinite(mean):
+        return "n/a"
+    m = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    if not math.isfinite(half):
+        return f"{m} ± n/a"
+    return f"{m} ± {half:.{digits}f}"

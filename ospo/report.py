@@ -95,6 +95,7 @@ from typing import Any
 import numpy as np
 
 from ospo.io import write_json
+from ospo.metrics import format_ci as _fmt
 from ospo.metrics import mean_ci, t_quantile
 
 __all__ = [
@@ -560,17 +561,6 @@ def aggregate(
 
 
 # ----------------------------------------------------------------------------- rendering
-
-
-def _fmt(stat: tuple[float, float, int], digits: int = 4, signed: bool = False) -> str:
-    """'mean ± half' ('mean ± n/a' for one seed, 'n/a' for none); ``signed`` adds '+'."""
-    mean, half, n = stat
-    if n == 0 or not math.isfinite(mean):
-        return "n/a"
-    m = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
-    if not math.isfinite(half):
-        return f"{m} ± n/a"
-    return f"{m} ± {half:.{digits}f}"
 
 
 def _num(x: float, digits: int = 4) -> str:

@@ -159,14 +159,6 @@ class _AdditiveRetriever(_Retriever):
         """Drop the cached term score vectors (they stay valid until the next index())."""
         self._cache.clear()
 
-    def term_vectors(self, terms: Sequence[str]) -> np.ndarray:
-        """Per-term score vectors (unknown words -> zeros).  # (len(terms), D) float32"""
-        self._require_index()
-        if not terms:
-            return np.zeros((0, self.num_docs), dtype=np.float32)
-        vectors = self._term_vector_map(terms)
-        return np.stack([vectors[t] for t in terms])
-
     def score(self, texts: Sequence[str]) -> np.ndarray:
         """Score of every document for each text: sum over its tokens (with multiplicity) of
         the term score vectors.  # (Q, D) float32"""

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ospo.attribution import ValueFn
 from ospo.metrics import (
     mrr_from_scores,
     ndcg_from_scores,
@@ -43,8 +44,6 @@ from ospo.metrics import (
 
 if TYPE_CHECKING:
     from ospo.interfaces import Retriever
-
-ValueFn = Callable[[np.ndarray], np.ndarray]  # bool masks (K, n) -> values (K,)
 
 
 def join_texts(base_text: str, kept: str) -> str:

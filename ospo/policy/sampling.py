@@ -41,11 +41,6 @@ class Rollouts:
     def __len__(self) -> int:
         return len(self.texts)
 
-    @property
-    def lengths(self) -> Tensor:
-        """(N,) number of valid completion tokens (EOS included)."""
-        return self.completion_mask.sum(1)
-
 
 def generate(
     policy: Policy,
