@@ -619,20 +619,25 @@ def test_baseline_configs_build(make_cfg, name, cls, credit, entropy):
 
 
 def test_control_yaml_builds_alone_and_shares_ospo_settings():
-    """The yaml files build from a tiny dict for their interpolations, and the controls' copies
-    of OSPO's weighting keys equal ospo.yaml's."""
+    """The yaml files build from a tiny dict for their interpolations (with the loss block they
+    share, conf/baseline/loss/clipped.yaml), and the controls' copies of OSPO's weighting keys
+    equal ospo.yaml's."""
     names = ("ospo", "random_credit", "entropy")
     load = {n: OmegaConf.load(CONF / "baseline" / f"{n}.yaml") for n in names}
+    loss = OmegaConf.load(CONF / "baseline" / "loss" / "clipped.yaml")
     for n in ("random_credit", "entropy"):
-        cfg = OmegaConf.merge({"rl": {"max_new_tokens": 8}, "seed": 1}, {"baseline": load[n]})
+        own = {k: v for k, v in load[n].items() if k != "defaults"}
+        node = OmegaConf.merge(own, {"loss": loss})
+        cfg = OmegaConf.merge({"rl": {"max_new_tokens": 8}, "seed": 1}, {"baseline": node})
         baseline = instantiate(cfg.baseline)
         assert baseline.loss.max_completion_length == 8
     ospo, rc, ent = (load[n].advantage for n in ("ospo", "random_credit", "entropy"))
     for key in ("scale", "weighting", "alpha", "clip_kappa"):
         assert rc[key] == ospo[key], key
     assert ent.scale == ospo.scale and ent.clip_kappa == ospo.clip_kappa
-    for n in ("random_credit", "entropy"):  # same loss settings as OSPO
-        assert OmegaConf.to_container(load[n].loss) == OmegaConf.to_container(load["ospo"].loss)
+    for n in names:  # one loss block for every method, none of its own
+        assert "loss" not in load[n]
+        assert OmegaConf.to_container(load[n].defaults) == ["_self_", {"loss": "clipped"}]
 
 
 # continuous weightings and mass per segment ---------------------------------------------------
