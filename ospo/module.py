@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -216,9 +217,11 @@ class RLModule(pl.LightningModule):
             if out.credit.segments
             else 0.0,
         }
+        # NaN on a step where every group was flat: its cosine (1 by convention) says nothing
+        # about the credit, and a key left out would repeat the last step's value (Lightning
+        # logs an on_step key's last value again); loggers draw NaN as a gap
         cos = self._credit_cos(stats)
-        if cos is not None:  # flat steps would draw 1.0s into the curve
-            log["credit/cos_to_grpo"] = cos
+        log["credit/cos_to_grpo"] = math.nan if cos is None else cos
         log.update({f"train/{k}": float(np.mean(v)) for k, v in out.metrics.items()})
         log.update({f"train/{k}": v for k, v in out.loss_metrics.items()})
         log.update(

@@ -1,6 +1,7 @@
 """Credit diagnostics of the RL module: `credit/cos_to_grpo` over informative steps only,
 averaged over DDP ranks, and per-rank random streams (Monte-Carlo attribution, random credit)."""
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -76,7 +77,8 @@ def test_informative_pair_and_pooled_mean():
 def test_run_mean_and_log_skip_flat_steps():
     module = _module()
     logs = [module._step_log(_result(c, f)) for c, f in [(0.5, 0.5), (1.0, 1.0), (0.7, 0.0)]]
-    assert [log.get("credit/cos_to_grpo") for log in logs] == [0.5, None, 0.7]
+    cos = [log["credit/cos_to_grpo"] for log in logs]  # NaN: a gap, no stale repeat
+    assert cos[0] == 0.5 and math.isnan(cos[1]) and cos[2] == 0.7
     assert all("advantage/cos_to_grpo" not in log for log in logs)
     assert all(log["train/frac_reward_zero_std"] in (0.0, 0.5, 1.0) for log in logs)
     assert module.cos_to_grpo == [0.5, 0.7]
@@ -96,7 +98,7 @@ def test_run_mean_and_log_skip_flat_steps():
 def test_run_without_informative_step_has_no_cosine():
     module = _module()
     for _ in range(3):
-        assert "credit/cos_to_grpo" not in module._step_log(_result(1.0, 1.0))
+        assert math.isnan(module._step_log(_result(1.0, 1.0))["credit/cos_to_grpo"])
     assert module.credit_summary() == {"credit_cos_to_grpo": None, "credit_cos_to_grpo_steps": 0}
 
 
@@ -113,7 +115,7 @@ def test_step_cosine_is_averaged_over_informative_ranks():
     assert module.cos_to_grpo == pytest.approx([0.5, 0.2])
 
     module._trainer = SimpleNamespace(strategy=_FakeStrategy([(0.0, 0.0), (0.0, 0.0)]))
-    assert "credit/cos_to_grpo" not in module._step_log(_result(1.0, 1.0))  # all ranks flat
+    assert math.isnan(module._step_log(_result(1.0, 1.0))["credit/cos_to_grpo"])  # all flat
     assert len(module.cos_to_grpo) == 2
 
 

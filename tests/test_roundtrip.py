@@ -221,6 +221,13 @@ def test_resume_restores_weights_optimizer_and_schedule(make_cfg, tmp_path):
     assert ckpt_b and all(h in ckpt_a for h in ckpt_b)
     assert a["ospo"]["attribution_rng"] == b["ospo"]["attribution_rng"]
     assert a["ospo"]["attribution_rng"] != half["ospo"]["attribution_rng"]  # credit drew numbers
+    # Steps 3-4 trained on something the credit shaped: `cos_to_grpo` holds one value per step
+    # with a group of unequal rewards (non-zero advantages), and one of those after the
+    # interruption is below 1 (the credit moved token advantages away from GRPO's A_i).
+    done = len(half["ospo"]["cos_to_grpo"])
+    assert a["ospo"]["cos_to_grpo"][:done] == half["ospo"]["cos_to_grpo"]
+    assert any(c < 1.0 for c in a["ospo"]["cos_to_grpo"][done:]), a["ospo"]["cos_to_grpo"]
+    assert b["ospo"]["cos_to_grpo"] == a["ospo"]["cos_to_grpo"]
 
     # policy weights: identical, and not those of the interrupted run's step 2
     wa, wb, wh = _policy_state(a), _policy_state(b), _policy_state(half)
@@ -396,7 +403,9 @@ def test_keep_query_sets_the_empty_coalition(make_cfg, attribution):
         (False, v_blank, r(text)),
     ):
         reward.clear_cache()
-        (phi,) = compute_credit([text], [sample], lambda t, reads=None: whole, att, reward, keep).phis
+        (phi,) = compute_credit(
+            [text], [sample], lambda t, reads=None: whole, att, reward, keep
+        ).phis
         assert phi.tolist() == pytest.approx([v_full - v_empty], abs=1e-9)
     assert r(text) - v_blank != pytest.approx(r(f"{REQUEST} {text}") - v_query)
 

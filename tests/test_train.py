@@ -16,6 +16,12 @@ from ospo.rl import run_train
 
 from .conftest import ROOT, TINY
 
+# TINY alone (G = 2) leaves every group flat: the tiny GPT-2's random words after a request
+# rarely change BM25's top 10, so both completions of a request get the same reward, every
+# advantage is 0 and nothing is learned (loss 0, no gradient). With G = 4 most steps hold a
+# group with unequal rewards, so credit and optimizer state matter; the tests assert it.
+INFORMATIVE = ["rl.num_generations=4"]
+
 
 def _metrics(run_dir: Path) -> list[dict]:
     """The per-step training metrics the csv logger wrote, without timing columns."""
@@ -25,12 +31,37 @@ def _metrics(run_dir: Path) -> list[dict]:
     for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
         with open(path) as f:
             rows += list(csv.DictReader(f))
-    keep = ("train/reward_mean", "train/loss", "train/completion_length", "train/ndcg@10")
+    keep = (
+        "train/reward_mean",
+        "train/loss",
+        "train/completion_length",
+        "train/ndcg@10",
+        "train/frac_reward_zero_std",
+        "advantage/adv_abs_mean",
+        "advantage/adv_std",
+    )
     out = []
     for r in rows:
         if r.get("train/reward_mean"):
             out.append({k: round(float(r[k]), 6) for k in keep if r.get(k)})
     return out
+
+
+def _informative_steps(run_dir: Path) -> list[int]:
+    """The rollout steps (0-based, in log order) whose advantages were not all zero: some
+    group had unequal rewards (`train/frac_reward_zero_std` < 1) and `advantage/adv_abs_mean`
+    > 0. A run without any trains on nothing (zero loss, zero gradients)."""
+    return [
+        i
+        for i, r in enumerate(_metrics(run_dir))
+        if r["train/frac_reward_zero_std"] < 1.0 and r["advantage/adv_abs_mean"] > 0.0
+    ]
+
+
+def _policy_state(ckpt_path: Path) -> dict[str, torch.Tensor]:
+    """The policy weights a checkpoint holds."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    return {k: v for k, v in ckpt["state_dict"].items() if k.startswith("policy.")}
 
 
 def _logged_cos(run_dir: Path) -> list[float]:
@@ -43,14 +74,38 @@ def _logged_cos(run_dir: Path) -> list[float]:
             out += [
                 float(r["credit/cos_to_grpo"])
                 for r in csv.DictReader(f)
-                if r.get("credit/cos_to_grpo")
+                if r.get("credit/cos_to_grpo") and r["credit/cos_to_grpo"] != "nan"
             ]
     return out
 
 
-def _check_run_cos(cos, run_dir: Path, grpo: bool = False) -> None:
+def _cos_on_flat_steps(run_dir: Path) -> list[int]:
+    """The steps (in log order) whose csv row holds a `credit/cos_to_grpo` although every group
+    of the step was flat (`train/frac_reward_zero_std` 1): such a step must log NaN."""
+    import csv
+
+    rows = []
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        with open(path) as f:
+            rows += [r for r in csv.DictReader(f) if r.get("train/reward_mean")]
+    return [
+        i
+        for i, r in enumerate(rows)
+        if r.get("credit/cos_to_grpo") not in (None, "", "nan")
+        and float(r["train/frac_reward_zero_std"]) == 1.0
+    ]
+
+
+def _check_run_cos(cos, run_dir: Path, grpo: bool = False, ranks: int = 1) -> None:
     """The summary's credit_cos_to_grpo is the mean of the logged per-step values (flat steps
-    log none), None when no step logged one; GRPO's is 1 on every informative step."""
+    log NaN), None when no step logged one; GRPO's is 1 on every informative step. In one
+    process a flat step's row holds no cos (under DDP rank 0's flat step may log the others')."""
+    if ranks == 1:
+        flat = _cos_on_flat_steps(run_dir)
+        assert not flat, (
+            f"flat steps {flat} logged a credit/cos_to_grpo value: they must log NaN (a key "
+            "left out repeats an earlier step's value: Lightning re-logs an on_step key)"
+        )
     logged = _logged_cos(run_dir)
     if not logged:
         assert cos is None
@@ -60,11 +115,15 @@ def _check_run_cos(cos, run_dir: Path, grpo: bool = False) -> None:
 
 
 def test_tiny_run_end_to_end(make_cfg, tmp_path):
-    cfg = make_cfg(TINY)
+    cfg = make_cfg(TINY + INFORMATIVE)
     summary = run_train(cfg, tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    # it trained on something: a group with unequal rewards, and credit that moved advantage
+    # between tokens (not GRPO's uniform A_i)
+    assert _informative_steps(tmp_path / "run"), _metrics(tmp_path / "run")
+    assert saved["credit_cos_to_grpo_steps"] > 0 and saved["credit_cos_to_grpo"] < 1.0
     # how it was made: overrides, resolved config, commit and versions
-    assert saved["overrides"] == [*TINY, f"cache_dir={tmp_path / 'cache'}"]
+    assert saved["overrides"] == [*TINY, *INFORMATIVE, f"cache_dir={tmp_path / 'cache'}"]
     assert saved["config"]["model"] == OmegaConf.to_container(cfg.model, resolve=True)
     assert saved["config"]["rl"]["steps"] == 4
     assert saved["config"]["logger"]["csv"]["save_dir"] == str(tmp_path / "run")
@@ -108,12 +167,26 @@ def test_tiny_run_end_to_end(make_cfg, tmp_path):
 
 @pytest.mark.parametrize(
     "method",
-    [["baseline.mu=2"], ["baseline=random_credit"]],  # random credit: its shuffles resume too
+    [
+        ["baseline.mu=2"],
+        # random credit: its shuffles resume too. 16 tokens: more segments per completion, so
+        # a permutation drawn from a wrongly restored generator changes the weights (with 8 a
+        # fresh generator happened to shuffle the credit-bearing segments the same way)
+        ["baseline=random_credit", "rl.max_new_tokens=16"],
+    ],
     ids=lambda m: ",".join(m),
 )
 def test_resume_matches_straight_run(make_cfg, tmp_path, method):
+    """4 steps straight = 2 steps, interrupted, resumed to 4: same metrics, same weights.
+
+    Baseline OSPO (mu=2: AdamW moments and old log-probs) and its random-credit control (its
+    permutation generator must resume). Only informative steps test this: the straight run
+    must have a group with unequal rewards and credit that moves token advantages after the
+    resume point (steps 2-3), else any state could be lost unnoticed."""
+    method = [*INFORMATIVE, *method]
     straight = make_cfg(TINY + method, run_dir=tmp_path / "a")
     run_train(straight, tmp_path / "a")
+    assert [s for s in _informative_steps(tmp_path / "a") if s >= 2], _metrics(tmp_path / "a")
 
     half = make_cfg(TINY + [*method, "rl.steps=4"], run_dir=tmp_path / "b")
     with pytest.MonkeyPatch.context() as mp:
@@ -134,12 +207,34 @@ def test_resume_matches_straight_run(make_cfg, tmp_path, method):
         except (KeyboardInterrupt, SystemExit):
             pass
     ckpt = tmp_path / "b" / "checkpoints" / "last.ckpt"
-    assert torch.load(ckpt, map_location="cpu", weights_only=False)["ospo"]["rollout_step"] == 2
+    half_state = torch.load(ckpt, map_location="cpu", weights_only=False)["ospo"]
+    assert half_state["rollout_step"] == 2
+    w_half = _policy_state(ckpt)
     resumed = make_cfg(TINY + [*method, f"ckpt_path={ckpt}"], run_dir=tmp_path / "b")
     run_train(resumed, tmp_path / "b")
     straight_rows, resumed_rows = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
     assert len(straight_rows) == 4
     assert straight_rows == resumed_rows
+    # the weights after step 4, bit for bit, and moved since the interruption
+    wa = _policy_state(tmp_path / "a" / "checkpoints" / "last.ckpt")
+    wb = _policy_state(ckpt)
+    assert wa and set(wa) == set(wb)
+    assert [k for k in wa if not torch.equal(wa[k], wb[k])] == []
+    assert any(not torch.equal(wa[k], w_half[k]) for k in wa)
+    state_a = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)["ospo"]
+    state_b = torch.load(ckpt, weights_only=False)["ospo"]
+    # credit moved token advantages away from GRPO's after the resume point: the per-step
+    # cos_to_grpo of the informative steps 2-3 (past the interrupted run's) has one below 1
+    done = len(half_state["cos_to_grpo"])
+    assert state_a["cos_to_grpo"][:done] == half_state["cos_to_grpo"]
+    assert any(c < 1.0 for c in state_a["cos_to_grpo"][done:]), state_a["cos_to_grpo"]
+    assert state_b["cos_to_grpo"] == state_a["cos_to_grpo"]
+    # the random streams that live across steps end where the straight run's end
+    rngs = sorted(k for k in state_a if k.endswith("_rng"))
+    assert rngs == sorted(k for k in state_b if k.endswith("_rng"))
+    assert [k for k in rngs if state_a[k] != state_b[k]] == []
+    if "baseline=random_credit" in method:  # its permutations drew numbers after the resume
+        assert state_a["advantage_rng"] != half_state["advantage_rng"]
 
 
 def test_missing_checkpoint_is_named(make_cfg, tmp_path):
@@ -192,6 +287,9 @@ def test_cli_sweep_and_wandb_offline(tmp_path):
         ["baseline=random_credit"],
         ["baseline=entropy"],
         ["rl.invalid_reward=0.0", "baseline.advantage.clip_kappa=2.0"],
+        ["baseline=grpo", "baseline.loss.importance_level=sequence", "baseline.mu=2", *INFORMATIVE],
+        ["baseline.loss.importance_level=sequence", "baseline.mu=2", *INFORMATIVE],
+        ["baseline.loss.top_entropy_quantile=0.5", *INFORMATIVE],
     ],
     ids=lambda m: ",".join(m),
 )
@@ -267,7 +365,7 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert "MEMBER: 2/2" in proc.stdout + proc.stderr  # the second process joined
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2
-    _check_run_cos(summary["credit_cos_to_grpo"], tmp_path / "run")  # averaged over the ranks
+    _check_run_cos(summary["credit_cos_to_grpo"], tmp_path / "run", ranks=2)  # rank mean
     # Each rank draws from its own generator, and the checkpoint keeps both for a resume.
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["ospo"]
     rank0, rank1 = state["attribution_rng_ranks"]
