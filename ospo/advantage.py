@@ -248,7 +248,7 @@ def shift_advantages(
     credit,
     covered,
     mode: str = "relative",
-    strength: float = 4.0,
+    strength: float = 8.0,
     credit_scale: float = 1.0,
     mass=None,
 ) -> Tensor:
@@ -520,7 +520,7 @@ class OSPO(_PerCompletion):
         weighting: str = "relative",
         alpha: float = 0.7,
         clip_kappa: float | None = None,
-        strength: float = 4.0,
+        strength: float = 8.0,
         credit_scale: float = 1.0,
         mass: str = "token",
     ):
@@ -638,7 +638,7 @@ class RandomCredit(OSPO):
         weighting: str = "relative",
         alpha: float = 0.7,
         clip_kappa: float | None = None,
-        strength: float = 4.0,
+        strength: float = 8.0,
         credit_scale: float = 1.0,
         mass: str = "token",
         seed: int = 0,
