@@ -55,13 +55,9 @@ from ospo.build import (  # noqa: E402
 )
 from ospo.config import compose_config  # noqa: E402  (also registers the resolvers)
 from ospo.evaluate import autocast_for  # noqa: E402
+from ospo.optim import clip_grad_norm, optimization  # noqa: E402
 from ospo.sft import WARMUP_MARKER, warmup_dir  # noqa: E402
-from ospo.step import (  # noqa: E402
-    PromptSchedule,
-    clip_grad_norm,
-    optimization,
-    step_seed,
-)
+from ospo.step import PromptSchedule, step_seed  # noqa: E402
 
 
 def main() -> None:

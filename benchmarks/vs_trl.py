@@ -64,13 +64,9 @@ from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
 from ospo.build import build_data, build_policy, build_reward, build_step  # noqa: E402
 from ospo.config import compose_config  # noqa: E402  (also registers the resolvers)
+from ospo.optim import clip_grad_norm, optimization  # noqa: E402
 from ospo.policy import Policy  # noqa: E402
-from ospo.step import (  # noqa: E402
-    backward,
-    clip_grad_norm,
-    optimization,
-    step_seed,
-)
+from ospo.step import backward, step_seed  # noqa: E402
 
 PROMPTS, GENERATIONS, NEW_TOKENS = 8, 8, 32
 LR, GRAD_CLIP, EPS_LOW, EPS_HIGH = 5e-5, 1.0, 0.2, 0.28

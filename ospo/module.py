@@ -27,12 +27,12 @@ from torch.utils.data import DataLoader, Dataset
 from ospo.credit_html import credit_table_html
 from ospo.data import Sample
 from ospo.io import write_text
+from ospo.optim import optimization
 from ospo.step import (
     PromptSchedule,
     RLStep,
     StepResult,
     compute_credit,
-    optimization,
     step_seed,
 )
 

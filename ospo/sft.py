@@ -28,8 +28,8 @@ from ospo.config import config_hash
 from ospo.data import Dataset, Sample
 from ospo.evaluate import GreedyEvaluator, validation_requests
 from ospo.io import write_json
+from ospo.optim import optimization
 from ospo.policy import Policy
-from ospo.step import optimization
 
 log = logging.getLogger("ospo")
 

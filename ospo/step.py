@@ -180,27 +180,9 @@ def token_entropy(policy: Policy, ro: Rollouts, sampling: Sampling, group_size: 
     return entropy  # (N, T)
 
 
-def optimization(policy: Policy, optimizer: Callable, scheduler: Callable) -> dict[str, Any]:
-    """The optimizer over the policy's trainable parameters and its LR schedule, stepped once
-    per update, from the config's `_partial_` factories (`rl.optimizer`, `rl.scheduler`; the
-    warm-up's `sft.*`), in the form Lightning's `configure_optimizers` returns."""
-    opt = optimizer(policy.trainable_parameters())
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler(opt), "interval": "step"}}
-
-
 def backward(loss: Tensor) -> None:
     """Plain autograd; in training, Lightning's `manual_backward` takes its place."""
     loss.backward()
-
-
-def clip_grad_norm(max_norm: float) -> Callable[[torch.optim.Optimizer], None]:
-    """Clip the global gradient norm of the optimizer's parameters to `max_norm`."""
-
-    def clip(optimizer: torch.optim.Optimizer) -> None:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-    return clip
 
 
 def update(

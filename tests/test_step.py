@@ -11,11 +11,12 @@ from ospo.baseline import Baseline
 from ospo.data.shop import ShopData
 from ospo.interfaces import AdvantageEstimator, Attribution, Retriever, Reward, Segmenter
 from ospo.loss import PolicyLoss, policy_loss
+from ospo.optim import clip_grad_norm
 from ospo.policy import build_tiny
 from ospo.retriever import BM25, BM25L, BM25Plus
 from ospo.reward import NDCG, Recall
 from ospo.segmenter import PhraseSegmenter, SentenceSegmenter
-from ospo.step import RLStep, Sampling, clip_grad_norm, coalition_base, compute_credit, score
+from ospo.step import RLStep, Sampling, coalition_base, compute_credit, score
 
 
 @pytest.fixture(scope="module")
