@@ -180,31 +180,6 @@ def policy_loss(
     return loss, metrics
 
 
-def entropy_from_logits(logits: Tensor, chunk_size: int = 8) -> Tensor:
-    """Entropy H = -sum_v p_v log p_v, log p = z - logsumexp(z), of each next-token distribution.
-
-    logits: (N, T, V). Processed `chunk_size` rows of N at a time in float32 to bound the
-    memory of the softmax; -inf logits (masked vocabulary) contribute 0. Returns (N, T) float32.
-    """
-    if logits.dim() != 3:
-        raise ValueError(f"logits must have shape (N, T, V), got {tuple(logits.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    out = []
-    for chunk in logits.split(chunk_size, dim=0):
-        z = chunk.float()  # (n, T, V)
-        top = z.detach().amax(dim=-1, keepdim=True)  # (n, T, 1)
-        z = z - torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # max logit -> 0
-        logz = torch.logsumexp(z, dim=-1, keepdim=True)  # (n, T, 1)
-        logp = z - logz  # (n, T, V)
-        p = logp.exp()
-        logp = torch.where(p > 0, logp, torch.zeros_like(logp))  # 0 * -inf -> 0, finite grads
-        out.append(-(p * logp).sum(dim=-1))  # (n, T)
-    if not out:
-        return logits.new_zeros(logits.shape[:2], dtype=torch.float32)
-    return torch.cat(out, dim=0)
-
-
 class PolicyLoss:
     """The loss settings of a method (`baseline.loss`), applied by `policy_loss`.
 

@@ -39,7 +39,6 @@ from ospo.metrics import (
     mrr_from_scores,
     ndcg_from_scores,
     recall_from_scores,
-    top_k_indices,
 )
 
 if TYPE_CHECKING:
@@ -287,14 +286,6 @@ class Reward:
             out[f"recall@{k}"][i] = recall_from_scores(row, gains > 0, k, judged.num_relevant)[0]
             out["mrr"][i] = mrr_from_scores(row, gains > 0)[0]
         return out
-
-    def ranking(self, text: str, sample: Any, k: int | None = None) -> list[str]:
-        """The top-k product ids for a completion's query among the sample's candidates."""
-        judged = self.judgements(sample)
-        row = self._restrict(self.retriever.score([query_text(sample, text)]), judged)  # (1, P)
-        top = top_k_indices(row, self.k if k is None else k)[0]
-        cols = top if judged.cols is None else judged.cols[top]
-        return [self.retriever.doc_ids[c] for c in cols]
 
     def coalition_value_fn(
         self, text: str, segmentation: Any, sample: Any, base_text: str = ""
