@@ -9,7 +9,7 @@ advantage between its tokens while keeping the mean leaves the optimal policy un
 Pipeline for one batch (N = B * G completions, prompt-major: rows g*G .. g*G+G-1 form a group):
 
 1. `group_advantages`: A_i = (r_i - mean_g r) / (std_g r + eps)             # (N,)
-2. `token_credit`:      token t of completion i takes phi of its segment   # (T_i,)
+2. `token_segments`:    token t of completion i takes phi of its segment   # (T_i,)
    `token_mass`:        m_t = 1 per token, or each segment's mass spread over its tokens
 3. continuous weightings (`shift_advantages`, the default `relative`):
                         A_{i,t} = A_i + lambda * g_i * m_t (c_t - cbar) / s
@@ -20,7 +20,7 @@ Pipeline for one batch (N = B * G completions, prompt-major: rows g*G .. g*G+G-1
 4. optional clipping of A_{i,t} to +-kappa * std_i(A_i)
 
 `GRPO` stops after step 1 (every valid token gets A_i); `OSPO` runs all four steps.
-`RandomCredit` runs OSPO's five steps on each completion's phi shuffled among its segments;
+`RandomCredit` runs OSPO's four steps on each completion's phi shuffled among its segments;
 `EntropyCredit` replaces steps 2-3 by the policy's token entropy (`entropy_weights`).
 Every estimator logs `cos_to_grpo`, the cosine between its token advantages and GRPO's.
 """
