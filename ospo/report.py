@@ -95,8 +95,7 @@ from typing import Any
 import numpy as np
 
 from ospo.io import write_json
-from ospo.metrics import format_ci as _fmt
-from ospo.metrics import mean_ci, t_quantile
+from ospo.metrics import format_ci, mean_ci, t_quantile
 
 __all__ = [
     "TEST_METRICS",
@@ -580,7 +579,7 @@ def render_markdown(agg: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for label, e in agg["labels"].items():
-        cells = [_fmt(e["test"][m]) for m in TEST_METRICS]
+        cells = [format_ci(e["test"][m]) for m in TEST_METRICS]
         val = f"{_num(e['val_start'][0])} -> {_num(e['val_end'][0])}"
         lines.append(
             f"| {label} | {e['n']} | {' | '.join(cells)} | {val} | {_num(e['wall_s'][0], 0)} |"
@@ -612,13 +611,13 @@ def _ood_rows(agg: dict[str, Any]) -> list[str]:
             o = e["ood"][name]
             if o["held_out"][2] == 0:
                 lines.append(
-                    f"| {label} | {name} | 0 | {_fmt(e['test'][metric])} | missing | n/a | n/a |"
+                    f"| {label} | {name} | 0 | {format_ci(e['test'][metric])} | missing | n/a | n/a |"
                 )
                 continue
             rel = f"{o['change_pct']:+.1f}%" if math.isfinite(o["change_pct"]) else "n/a"
             lines.append(
-                f"| {label} | {name} | {o['held_out'][2]} | {_fmt(o['train'])} | "
-                f"{_fmt(o['held_out'])} | {_fmt(o['change'])} | {rel} |"
+                f"| {label} | {name} | {o['held_out'][2]} | {format_ci(o['train'])} | "
+                f"{format_ci(o['held_out'])} | {format_ci(o['change'])} | {rel} |"
             )
     return lines
 
@@ -637,11 +636,11 @@ def _paired_rows(agg: dict[str, Any]) -> list[str]:
     ]
     verdicts = []
     for label, p in agg["paired"].items():
-        cells = [_fmt(p["test"][m], signed=True) for m in TEST_METRICS]
+        cells = [format_ci(p["test"][m], signed=True) for m in TEST_METRICS]
         rel = f"{p['rel_pct']:+.1f}%" if math.isfinite(p["rel_pct"]) else "n/a"
         cells.insert(1, rel)
         lines.append(
-            f"| {label} | {p['n']} | {' | '.join(cells)} | {_fmt(p['val_end'], signed=True)} "
+            f"| {label} | {p['n']} | {' | '.join(cells)} | {format_ci(p['val_end'], signed=True)} "
             f"| {p['wins']} of {p['n']} |"
         )
         mean, half, n = stat = p["test"].get(metric, (math.nan, math.nan, 0))
@@ -688,7 +687,7 @@ def _learning_rows(agg: dict[str, Any]) -> list[str]:
         if 0 < cos_n < e["n"]:
             cos += f" ({cos_n} of {e['n']} seeds)"
         lines.append(
-            f"| {label} | {e['n']} | {val} | {_fmt(e['val_change'], signed=True)} "
+            f"| {label} | {e['n']} | {val} | {format_ci(e['val_change'], signed=True)} "
             f"| {_num(e['val_format_ok_end'][0], 3)} | {cos} |"
         )
     return lines
@@ -717,8 +716,8 @@ def _efficiency_rows(agg: dict[str, Any]) -> list[str]:
             f"{seed}: {'never' if hit is None else f'{hit[0]:g}'}" for seed, hit in e["per_seed"]
         )
         lines.append(
-            f"| {label} | {e['reached']} of {e['n']} | {_fmt(e['steps'], 0)} "
-            f"| {_fmt(e['wall_s'], 0)} | {per_seed} |"
+            f"| {label} | {e['reached']} of {e['n']} | {format_ci(e['steps'], 0)} "
+            f"| {format_ci(e['wall_s'], 0)} | {per_seed} |"
         )
     return lines
 

@@ -308,8 +308,10 @@ class VLLMRollout(HFRollout):
         """Before the engine starts: raise, naming the lengths and the key to change, when the
         longest of `prompts` (Samples) plus `max_new_tokens` cannot fit the policy's positions
         or an explicit `rollout.max_model_len`."""
-        _, mask = policy.encode_prompts([s.messages for s in prompts])  # (B, P)
-        longest = int(mask.sum(1).max()) if len(prompts) else 0
+        longest = 0
+        if prompts:
+            _, mask = policy.encode_prompts([s.messages for s in prompts])  # (B, P)
+            longest = int(mask.sum(1).max())
         engine_max_model_len(
             max_positions(policy.causal_lm.config), longest, int(max_new_tokens), self.max_model_len
         )
@@ -404,18 +406,19 @@ def scoped_environ(values: Mapping[str, str | None]) -> Iterator[None]:
     there before, unsetting again those that were absent, whatever the block changed."""
     before = {key: os.environ.get(key) for key in values}
     try:
-        for key, value in values.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _set_environ(values)
         yield
     finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _set_environ(before)
+
+
+def _set_environ(values: Mapping[str, str | None]) -> None:
+    """Set each variable to its value, unsetting those whose value is None."""
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def max_positions(config) -> int | None:
